@@ -1,0 +1,5 @@
+"""LightningModules: wiring around the pure-torch nets."""
+
+from iopfl_lightning.modules.segmentation import SegmentationModule
+
+__all__ = ["SegmentationModule"]

@@ -1,0 +1,41 @@
+"""``python -m iopfl_lightning {fit,validate,test,predict} --config FILE`` (also ``iopfl``).
+
+A LightningCLI over any LightningModule of this package (``model.class_path``) and the
+MultiSiteDataModule. After ``fit`` the test split is evaluated with the final weights
+(``--test_after_fit false`` to skip), so one command ends with the per-site results table.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from iopfl_lightning.data import MultiSiteDataModule
+
+
+class IOPFLCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="after fit, evaluate the test split and write results.csv/results.md",
+        )
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit", True):
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def main(args: list[str] | None = None) -> IOPFLCLI:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return IOPFLCLI(
+        LightningModule,
+        MultiSiteDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": False},
+        args=args,
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,283 @@
+"""FederatedTrainer: FedAvg-style rounds with IOP-FL inside personalization, as a Lightning callback.
+
+One Lightning epoch is one federated round. The datamodule's training loader yields each
+participating client's batches contiguously, every batch tagged with its client index. When the
+client changes the callback (1) folds the previous client's locally trained weights into the
+round's aggregate and into that client's personalized EMA copy, (2) loads the global weights into
+the module and (3) resets the optimizer state, as the reference does with a fresh Adam per client
+and round. Before validation (or at the end of the epoch, whichever comes first) the round is
+closed: the mean client update is applied through the server optimizer and the new global
+weights are loaded into the module, so validation, checkpoints and the next round see the global
+model.
+
+Everything federated (round, global weights, personalized copies, per-client optimizer and
+normalization states, server optimizer state) is in ``state_dict``, so ``fit --ckpt_path``
+resumes exactly. All tensors stay on the module's device during training.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from iopfl_lightning.federated.aggregate import ServerOptimizer, ServerOptName, UpdateAccumulator
+from iopfl_lightning.federated.participation import select_clients
+from iopfl_lightning.federated.personalize import check_alpha, ema_update
+from iopfl_lightning.federated.routing_space import write_routing_space
+from iopfl_lightning.federated.state import StateDict, clone_state, norm_keys, subset
+
+log = logging.getLogger(__name__)
+
+
+def _to(state: StateDict, device: torch.device) -> StateDict:
+    return {k: v.to(device) for k, v in state.items()}
+
+
+class FederatedTrainer(Callback):
+    """Runs federated rounds over the clients of a ``MultiSiteDataModule``.
+
+    Args:
+        alpha: weight of the previous personalized copy in the EMA (IOP-FL reference: 0.1).
+        local_epochs: passes over each client's training data per round.
+        client_fraction: fraction of clients drawn (seeded) to train in each round.
+        optimizer_state: ``reset`` gives every client a fresh optimizer state each round (the
+            reference); ``keep`` keeps one optimizer state per client across rounds.
+        server_optimizer: ``fedavg`` (SGD, lr 1 = plain averaging), ``fedavgm`` or ``fedadam``.
+        norm_policy: ``average`` aggregates normalization layers like everything else;
+            ``local`` keeps each client's own normalization parameters and statistics (FedBN);
+            the global model then carries their sample-weighted average.
+        routing_space: file name written into the run folder at the end of ``fit``.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        local_epochs: int = 1,
+        client_fraction: float = 1.0,
+        optimizer_state: Literal["reset", "keep"] = "reset",
+        server_optimizer: ServerOptName = "fedavg",
+        server_lr: float = 1.0,
+        server_momentum: float = 0.9,
+        norm_policy: Literal["average", "local"] = "average",
+        seed: int = 0,
+        routing_space: str = "routing_space.pt",
+    ):
+        super().__init__()
+        self.alpha = check_alpha(alpha)
+        if local_epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1, got {local_epochs}")
+        select_clients(1, client_fraction, seed, 0)  # validates the fraction
+        for name, value, allowed in (
+            ("optimizer_state", optimizer_state, ("reset", "keep")),
+            ("norm_policy", norm_policy, ("average", "local")),
+            ("server_optimizer", server_optimizer, ("fedavg", "fedavgm", "fedadam")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.local_epochs = local_epochs
+        self.client_fraction = client_fraction
+        self.optimizer_state = optimizer_state
+        self.server_optimizer_name = server_optimizer
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.norm_policy = norm_policy
+        self.seed = seed
+        self.routing_space_name = routing_space
+
+        self.round = 0
+        self.sites: list[str] = []
+        self.sample_counts: list[int] = []
+        self.global_state: StateDict | None = None
+        self.personalized: dict[int, StateDict] = {}
+        self.local_norms: dict[int, StateDict] = {}
+        self.client_optimizer_states: dict[int, dict] = {}
+        self.server: ServerOptimizer | None = None
+        self._server_state: dict | None = None
+        self._accumulator: UpdateAccumulator | None = None
+        self._client: int | None = None
+
+    # ---------------------------------------------------------------- setup
+    def participants(self, round_idx: int) -> list[int]:
+        return select_clients(len(self.sites), self.client_fraction, self.seed, round_idx)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        for attr in ("inside_sites", "client_sample_counts", "configure_rounds"):
+            if not hasattr(datamodule, attr):
+                raise TypeError(
+                    f"FederatedTrainer needs a datamodule with `{attr}` "
+                    f"(e.g. MultiSiteDataModule), got {type(datamodule).__name__}"
+                )
+        sites = list(datamodule.inside_sites)
+        if self.sites and self.sites != sites:
+            raise ValueError(f"checkpoint was trained on sites {self.sites}, data has {sites}")
+        self.sites = sites
+        self.sample_counts = [int(n) for n in datamodule.client_sample_counts()]
+        if stage == "fit":
+            if trainer.val_check_interval != 1.0:
+                raise ValueError("FederatedTrainer needs val_check_interval=1.0 (one round = one epoch)")
+            datamodule.configure_rounds(self.participants, self.local_epochs)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = self._net(pl_module)
+        device = pl_module.device
+        if self.global_state is None:
+            self.global_state = clone_state(net.state_dict())
+        else:  # resumed: the checkpoint's global weights are authoritative
+            self._move_all(device)
+            net.load_state_dict(self.global_state)
+        self._param_keys = {k for k, _ in net.named_parameters()}
+        self._norm_keys = norm_keys(net)
+        self.server = ServerOptimizer(
+            subset(self.global_state, self._param_keys),
+            name=self.server_optimizer_name,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+        )
+        if self._server_state is not None:
+            self.server.load_state_dict(self._server_state)
+            self._server_state = None
+        self._publish(pl_module)
+
+    # ---------------------------------------------------------------- rounds
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._accumulator = UpdateAccumulator(self.global_state, self._param_keys)
+        self._client = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        client = _client_of(batch)
+        if client == self._client:
+            return
+        if self._client is not None:
+            self._finish_client(trainer, pl_module)
+        self._start_client(trainer, pl_module, client)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._finish_round(trainer, pl_module)
+        else:  # validate/test from a checkpoint: copies were restored on the CPU
+            self._move_all(pl_module.device)
+        self._publish(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_round(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._move_all(pl_module.device)
+        self._publish(pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.global_state is not None:
+            path = write_routing_space(
+                f"{trainer.log_dir}/{self.routing_space_name}",
+                net_spec=getattr(pl_module, "net_spec", None),
+                sites=self.sites,
+                global_state=self.global_state,
+                personalized={self.sites[k]: s for k, s in self.personalized.items()},
+                sample_counts=dict(zip(self.sites, self.sample_counts, strict=True)),
+                rounds=self.round,
+            )
+            log.info("wrote %s", path)
+
+    # ---------------------------------------------------------------- steps
+    def _start_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
+        if not 0 <= client < len(self.sites):
+            raise ValueError(f"batch has client index {client}, but there are {len(self.sites)} sites")
+        net = self._net(pl_module)
+        net.load_state_dict(self.global_state)
+        if self.norm_policy == "local" and client in self.local_norms:
+            net.load_state_dict(self.local_norms[client], strict=False)
+        for i, optimizer in enumerate(trainer.optimizers):
+            stored = self.client_optimizer_states.get(client, {}).get(i)
+            if stored is not None:
+                optimizer.load_state_dict(stored)
+            else:
+                optimizer.state.clear()  # Adam re-initialises its moments lazily
+        self._client = client
+
+    def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        client = self._client
+        local = self._net(pl_module).state_dict()
+        self._accumulator.add(local, float(self.sample_counts[client]))
+        self.personalized[client] = ema_update(self.personalized.get(client), local, self.alpha)
+        if self.norm_policy == "local":
+            self.local_norms[client] = clone_state(subset(local, self._norm_keys))
+        if self.optimizer_state == "keep":
+            self.client_optimizer_states[client] = {
+                i: copy.deepcopy(opt.state_dict()) for i, opt in enumerate(trainer.optimizers)
+            }
+        self._client = None
+
+    def _finish_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._accumulator is None:
+            return
+        if self._client is not None:
+            self._finish_client(trainer, pl_module)
+        if self._accumulator.num_clients == 0:
+            log.warning("round %d: no client trained; the global model is unchanged", self.round)
+        else:
+            params = self.server.step(self._accumulator.mean_delta())
+            merged = {**self._accumulator.mean_buffers(), **params}
+            self.global_state = {k: merged[k] for k in self.global_state}  # keep key order
+        self._net(pl_module).load_state_dict(self.global_state)
+        self._accumulator = None
+        self.round += 1
+        self._publish(pl_module)
+
+    # ---------------------------------------------------------------- helpers
+    def _publish(self, pl_module: pl.LightningModule) -> None:
+        """Hands the personalized copies (by site name) to the module for evaluation."""
+        pl_module.personalized_states = {self.sites[k]: s for k, s in self.personalized.items()}
+
+    def _move_all(self, device: torch.device) -> None:
+        if self.global_state is not None:
+            self.global_state = _to(self.global_state, device)
+        self.personalized = {k: _to(s, device) for k, s in self.personalized.items()}
+        self.local_norms = {k: _to(s, device) for k, s in self.local_norms.items()}
+
+    @staticmethod
+    def _net(pl_module: pl.LightningModule) -> torch.nn.Module:
+        net = getattr(pl_module, "net", None)
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(f"{type(pl_module).__name__} must expose the trained network as `.net`")
+        return net
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        cpu = torch.device("cpu")
+        return {
+            "round": self.round,
+            "sites": list(self.sites),
+            "global_state": None if self.global_state is None else _to(self.global_state, cpu),
+            "personalized": {k: _to(s, cpu) for k, s in self.personalized.items()},
+            "local_norms": {k: _to(s, cpu) for k, s in self.local_norms.items()},
+            "client_optimizer_states": self.client_optimizer_states,
+            "server_optimizer": None if self.server is None else self.server.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.round = int(state_dict["round"])
+        self.sites = list(state_dict["sites"])
+        self.global_state = state_dict["global_state"]
+        self.personalized = {int(k): s for k, s in state_dict["personalized"].items()}
+        self.local_norms = {int(k): s for k, s in state_dict["local_norms"].items()}
+        self.client_optimizer_states = {
+            int(k): v for k, v in state_dict["client_optimizer_states"].items()
+        }
+        self._server_state = state_dict["server_optimizer"]
+
+
+def _client_of(batch: Any) -> int:
+    """Client index of a training batch; every sample of a batch must share it."""
+    if isinstance(batch, dict) and "client_id" in batch:
+        return int(batch["client_id"])
+    if not isinstance(batch, dict) or "client" not in batch:
+        raise KeyError("FederatedTrainer needs the client index in every batch under 'client'")
+    return int(batch["client"][0])

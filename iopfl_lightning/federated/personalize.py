@@ -1,0 +1,37 @@
+"""Inside personalization: each site's exponential moving average of its local models.
+
+``p_k <- alpha * p_k + (1 - alpha) * w_k`` after every round in which site k trained; the first
+time a site trains its copy is ``w_k`` itself. ``alpha`` is the weight of the previous copy
+(0.1 in the IOP-FL reference, so the copy is mostly this round's local model). Floating-point
+entries (weights and BatchNorm statistics) are averaged; integer buffers are copied from ``w_k``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from iopfl_lightning.federated.state import StateDict, clone_state, is_float
+
+
+def check_alpha(alpha: float) -> float:
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    return alpha
+
+
+@torch.no_grad()
+def ema_update(previous: StateDict | None, local: Mapping[str, Tensor], alpha: float) -> StateDict:
+    """Returns the updated copy; ``previous`` is updated in place, ``local`` is never modified."""
+    check_alpha(alpha)
+    if previous is None:
+        return clone_state(local)
+    for k, w in local.items():
+        p = previous[k]
+        if is_float(p):
+            p.mul_(alpha).add_(w.detach(), alpha=1.0 - alpha)
+        else:
+            p.copy_(w)
+    return previous

@@ -1,0 +1,66 @@
+"""``routing_space.pt``: everything an outside site needs to build its routed model.
+
+Contents (a plain dict, loadable with ``weights_only=True``): ``format_version``, ``net_spec``
+(how to rebuild the net), ``sites`` (inside sites, in client order), ``global`` (state dict),
+``personalized`` (site -> state dict), ``sample_counts`` (site -> training slices) and ``rounds``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iopfl_lightning.federated.state import StateDict, check_same_keys
+from iopfl_lightning.fileio import atomic_torch_save, safe_torch_load
+
+FORMAT_VERSION = 1
+_REQUIRED = ("format_version", "net_spec", "sites", "global", "personalized")
+
+
+def write_routing_space(
+    path: str | os.PathLike,
+    *,
+    net_spec: Mapping[str, Any] | None,
+    sites: list[str],
+    global_state: Mapping[str, torch.Tensor],
+    personalized: Mapping[str, Mapping[str, torch.Tensor]],
+    sample_counts: Mapping[str, int] | None = None,
+    rounds: int = 0,
+) -> Path:
+    cpu = {k: v.detach().cpu() for k, v in global_state.items()}
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "net_spec": dict(net_spec) if net_spec is not None else None,
+        "sites": list(sites),
+        "global": cpu,
+        "personalized": {s: {k: v.detach().cpu() for k, v in st.items()} for s, st in personalized.items()},
+        "sample_counts": dict(sample_counts or {}),
+        "rounds": int(rounds),
+    }
+    return atomic_torch_save(payload, path)
+
+
+def read_routing_space(path: str | os.PathLike) -> dict[str, Any]:
+    """Loads and validates a routing space; errors name the file and the offending site or key."""
+    space = safe_torch_load(path)
+    if not isinstance(space, dict):
+        raise ValueError(f"{path}: not a routing space (got {type(space).__name__})")
+    missing = [k for k in _REQUIRED if k not in space]
+    if missing:
+        raise ValueError(f"{path}: not a routing space, missing keys {missing}")
+    if space["format_version"] != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: routing space format_version {space['format_version']}, "
+            f"this version reads {FORMAT_VERSION}"
+        )
+    absent = [s for s in space["sites"] if s not in space["personalized"]]
+    if absent:
+        raise ValueError(f"{path}: no personalized model for site(s) {absent}")
+    reference: StateDict = space["global"]
+    for site, state in space["personalized"].items():
+        check_same_keys(reference, state, f"{path}: personalized model of site {site!r}")
+    return space

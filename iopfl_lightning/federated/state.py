@@ -1,0 +1,54 @@
+"""Small pure helpers on state dicts (name -> tensor), shared by aggregation and personalization.
+
+A state dict here is the full ``module.state_dict()``: parameters and buffers. Floating-point
+entries are averaged / interpolated; integer entries (``num_batches_tracked``) are not, and each
+function says what it does with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+StateDict = dict[str, Tensor]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def clone_state(state: Mapping[str, Tensor]) -> StateDict:
+    """Detached copies on the same device (never aliases the live module's tensors)."""
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def is_float(t: Tensor) -> bool:
+    return torch.is_floating_point(t)
+
+
+def norm_keys(net: nn.Module) -> set[str]:
+    """State keys of normalization layers (affine parameters and running statistics)."""
+    keys: set[str] = set()
+    for name, module in net.named_modules():
+        if isinstance(module, _NORM_TYPES):
+            prefix = f"{name}." if name else ""
+            keys.update(prefix + k for k in module.state_dict().keys())
+    return keys
+
+
+def check_same_keys(reference: Mapping[str, Tensor], other: Mapping[str, Tensor], what: str) -> None:
+    """Raise a ValueError naming the first key that is missing, extra or of another shape."""
+    missing = sorted(set(reference) - set(other))
+    extra = sorted(set(other) - set(reference))
+    if missing or extra:
+        raise ValueError(f"{what}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
+    for k, v in reference.items():
+        if tuple(other[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{what}: key {k!r} has shape {tuple(other[k].shape)}, expected {tuple(v.shape)}"
+            )
+
+
+def subset(state: Mapping[str, Tensor], keys: Iterable[str]) -> StateDict:
+    keys = set(keys)
+    return {k: v for k, v in state.items() if k in keys}

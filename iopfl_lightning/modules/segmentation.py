@@ -1,0 +1,173 @@
+"""SegmentationModule: trains and evaluates one segmentation net (global and personalized copies).
+
+The net comes from the factory in ``nets/``. Evaluation runs the module's own weights as the
+``global`` model and, where the FederatedTrainer has published them, each site's personalized
+copy through ``torch.func.functional_call``: no module is copied or moved to evaluate a copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.func import functional_call
+
+from iopfl_lightning.modules.evaluation import SiteEvaluator, means_by_model
+from iopfl_lightning.modules.losses import LossName, SegmentationLoss
+from iopfl_lightning.nets import build_from_spec, net_spec
+from iopfl_lightning.results import write_results
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationModule(pl.LightningModule):
+    """Args:
+    net: ``unet`` (the paper's 2D UNet) or an ``smp.<Architecture>`` name.
+    in_channels, num_classes: taken from the datamodule when left as None.
+    features: base width of the paper UNet.
+    encoder_name, encoder_weights: for smp nets (no weights can be downloaded offline).
+    loss: ``dice`` (reference) or ``dice_ce``.
+    lr, amsgrad, weight_decay: Adam settings (reference: 1e-3, amsgrad).
+    channels_last: train and evaluate in channels_last memory format (faster on GPUs).
+    val_hd95: compute HD95 during per-round validation too (test always does).
+    """
+
+    def __init__(
+        self,
+        net: str = "unet",
+        in_channels: int | None = None,
+        num_classes: int | None = None,
+        features: int = 32,
+        encoder_name: str = "resnet18",
+        encoder_weights: str | None = None,
+        loss: LossName = "dice",
+        lr: float = 1e-3,
+        amsgrad: bool = True,
+        weight_decay: float = 0.0,
+        channels_last: bool = False,
+        val_hd95: bool = True,
+    ):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.save_hyperparameters()
+        self.loss_fn = SegmentationLoss(loss)
+        self.net: torch.nn.Module | None = None
+        self.net_spec: dict | None = None
+        self.personalized_states: dict[str, dict[str, torch.Tensor]] = {}
+        self._evaluator: SiteEvaluator | None = None
+        if in_channels is not None and num_classes is not None:
+            self._build(in_channels, num_classes)
+
+    # ------------------------------------------------------------ construction
+    def _build(self, in_channels: int, num_classes: int) -> None:
+        hp = self.hparams
+        spec = net_spec(
+            hp.net,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            features=hp.features,
+            encoder_name=hp.encoder_name,
+            encoder_weights=hp.encoder_weights,
+        )
+        self.net_spec = dict(spec)
+        self.net = build_from_spec(spec, load_pretrained=hp.encoder_weights is not None)
+        if hp.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        wanted = {
+            "in_channels": getattr(datamodule, "in_channels", None),
+            "num_classes": getattr(datamodule, "num_classes", None),
+        }
+        if self.net is None:
+            missing = [k for k, v in wanted.items() if v is None and self.hparams[k] is None]
+            if missing:
+                raise ValueError(f"set model {missing} or use a datamodule that provides them")
+            self.hparams.in_channels = self.hparams.in_channels or wanted["in_channels"]
+            self.hparams.num_classes = self.hparams.num_classes or wanted["num_classes"]
+            self._build(self.hparams.in_channels, self.hparams.num_classes)
+        for key, value in wanted.items():
+            if value is not None and value != self.hparams[key]:
+                raise ValueError(f"model {key}={self.hparams[key]} but the data has {key}={value}")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        return torch.optim.Adam(
+            self.net.parameters(), lr=hp.lr, amsgrad=hp.amsgrad, weight_decay=hp.weight_decay
+        )
+
+    # ------------------------------------------------------------ forward
+    def _prepare(self, image: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            return image.contiguous(memory_format=torch.channels_last)
+        return image
+
+    def forward(self, image: torch.Tensor, state: dict[str, torch.Tensor] | None = None):
+        image = self._prepare(image)
+        if state is None:
+            return self.net(image)
+        return functional_call(self.net, state, (image,), strict=True)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The client index as a Python int, read on the CPU: the callback needs no device sync.
+        if isinstance(batch, dict) and "client" in batch:
+            client = batch["client"]
+            if client.numel() and bool((client != client[0]).any()):
+                raise ValueError(f"a batch mixes clients {client.unique().tolist()}")
+            batch["client_id"] = int(client[0]) if client.numel() else -1
+        return batch
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.loss_fn(logits, batch["mask"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    # ------------------------------------------------------------ evaluation
+    def _site(self, stage: str, dataloader_idx: int) -> str:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "inside_sites" if stage == "val" else "eval_sites", None)
+        return names[dataloader_idx] if names else f"site{dataloader_idx}"
+
+    def _evaluate(self, stage: str, batch: dict, dataloader_idx: int) -> None:
+        if self._evaluator is None:
+            self._evaluator = SiteEvaluator(
+                self.hparams.num_classes, hd95=stage == "test" or self.hparams.val_hd95
+            )
+        site = self._site(stage, dataloader_idx)
+        self._evaluator.update(site, "global", self(batch["image"]), batch)
+        state = self.personalized_states.get(site)
+        if state is not None:
+            self._evaluator.update(site, "personalized", self(batch["image"], state), batch)
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, dataloader_idx)
+
+    def _collect(self, stage: str) -> list[dict]:
+        rows = self._evaluator.rows() if self._evaluator is not None else []
+        self._evaluator = None
+        for row in rows:
+            for metric in ("dice", "hd95"):
+                self.log(f"{stage}/{row['site']}/{row['model']}/{metric}", row[metric])
+        for name, value in means_by_model(rows).items():
+            self.log(f"{stage}/{name}", value, prog_bar=name.endswith("dice_mean"))
+        return rows
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._collect("val")
+        elif self._evaluator is not None:
+            self._evaluator = None
+
+    def on_test_epoch_end(self) -> None:
+        rows = self._collect("test")
+        self.test_results = rows
+        if rows and self.trainer.is_global_zero:
+            write_results(rows, self.trainer.log_dir, title="Test results")
