@@ -1,0 +1,339 @@
+"""LightningDataModule serving several sites as federated clients plus held-out sites.
+
+Sites in ``sites`` but not in ``outside`` are the clients (``inside_sites``; client index = position).
+``outside`` sites never train; they appear only in the test loaders and in
+:meth:`MultiSiteDataModule.outside_dataloader` (unlabelled images for test-time routing).
+
+Loaders (batches are dicts, see :mod:`iopfl_lightning.data.dataset`):
+
+- ``train_dataloader()``: one concatenated dataset with a :class:`ClientBatchSampler`, so an epoch
+  is one round (clients contiguous, ascending). Call :meth:`configure_rounds` first to set
+  participation and local epochs.
+- ``val_dataloader()``: one loader per inside site; ``"client"`` = client index.
+- ``test_dataloader()`` / ``predict_dataloader()``: one loader per site of ``eval_sites`` (inside
+  then outside); ``"client"`` = position in ``eval_sites``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import ConcatDataset, DataLoader
+
+from .cases import SPLITS, DataError, SiteSplits, count_slices
+from .dataset import Normalize, SiteDataset, TransformSpec, build_transform
+from .fundus import FUNDUS_DOMAINS, read_fundus
+from .npy import PROSTATE_SITES, read_iopfl_npy
+from .png_slices import PNG_SITE_ALIASES, read_png_slices
+from .sampler import ClientBatchSampler, Participants
+from .synthetic import SITE_STYLES, make_synthetic_sites
+
+log = logging.getLogger(__name__)
+
+Format = Literal["synthetic", "iopfl_npy", "png_slices", "fundus"]
+SYNTHETIC_DEFAULTS: dict[str, Any] = {
+    "size": 64,
+    "slices": 8,
+    "cases_per_split": {"train": 4, "val": 2, "test": 2},
+    "seed": None,  # None = the datamodule's seed
+}
+
+
+def known_sites(format: Format, root: Path | None) -> list[str]:
+    """Valid site names of ``format`` (PNG slices also accept every folder under ``root``)."""
+    if format == "synthetic":
+        return list(SITE_STYLES)
+    if format == "fundus":
+        return list(FUNDUS_DOMAINS)
+    names = list(PROSTATE_SITES)
+    if format == "png_slices" and root is not None and root.is_dir():
+        aliases = set(PNG_SITE_ALIASES.values())
+        names += sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in names)
+        names += sorted(aliases - set(names))
+    return names
+
+
+class MultiSiteDataModule(LightningDataModule):
+    """Multi-site segmentation data as federated clients (see the module docstring).
+
+    Args:
+        format: data source; real formats need ``root``.
+        root: data folder of a real format.
+        sites: sites to use (None = every site of the format; synthetic sites are the keys of
+            ``SITE_STYLES``, fundus ``Domain1..4``).
+        outside: held-out sites among ``sites`` (None = none).
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (None = ``batch_size``).
+        num_workers: DataLoader worker processes.
+        num_classes: label classes (None = 2, fundus 3).
+        image_size: resize slices to this square size (fundus: applied while reading).
+        train_transform: albumentations pipeline, or dicts (see :func:`build_transform`); none by
+            default, as in the paper.
+        synthetic: overrides of ``SYNTHETIC_DEFAULTS`` (size, slices, cases_per_split, seed).
+        pairing: PNG slices: pair image/mask files by ``"name"`` or sorted ``"order"``.
+        mask_inverted: PNG slices: the low mask value is the foreground (the real sample's way).
+        val_fraction: PNG slices and fundus: fraction of train cases carved off as val.
+        normalize: ``"none"`` (keep reader intensities) or per-slice ``"zscore"``.
+        seed: seed of the training shuffles (and of synthetic data unless overridden).
+        pin_memory: DataLoader ``pin_memory``.
+    """
+
+    def __init__(
+        self,
+        format: Format = "synthetic",
+        root: str | None = None,
+        sites: list[str] | None = None,
+        outside: list[str] | None = None,
+        batch_size: int = 5,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        num_classes: int | None = None,
+        image_size: int | None = None,
+        train_transform: TransformSpec = None,
+        synthetic: dict[str, Any] | None = None,
+        pairing: Literal["name", "order"] = "name",
+        mask_inverted: bool = True,
+        val_fraction: float = 0.2,
+        normalize: Normalize = "none",
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_choice("format", format, ("synthetic", "iopfl_npy", "png_slices", "fundus"))
+        _check_choice("pairing", pairing, ("name", "order"))
+        _check_choice("normalize", normalize, ("none", "zscore"))
+        self.format = format
+        self.root = _check_root(format, root)
+        self.sites = _check_sites(sites, known_sites(format, self.root))
+        self.outside_sites = _check_outside(outside, self.sites)
+        self.inside_sites = [s for s in self.sites if s not in self.outside_sites]
+        if not self.inside_sites:
+            raise ValueError(
+                f"outside={self.outside_sites} leaves no training site among {self.sites}"
+            )
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if image_size is not None and image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.num_classes = num_classes or (3 if format == "fundus" else 2)
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.image_size, self.normalize, self.seed = image_size, normalize, seed
+        self.train_transform = build_transform(train_transform)
+        self.synthetic = _check_synthetic(synthetic, seed)
+        self.pairing, self.mask_inverted, self.val_fraction = pairing, mask_inverted, val_fraction
+        self.participants: Participants | None = None
+        self.local_epochs = 1
+        self.site_data: dict[str, SiteSplits] | None = None
+
+    # ---- description -------------------------------------------------------------------------
+
+    @property
+    def eval_sites(self) -> list[str]:
+        """Inside sites then outside sites: the order of the test loaders."""
+        return self.inside_sites + self.outside_sites
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels: 3 for every format (adjacent slices, or RGB for fundus)."""
+        return 3
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    def _read_site(self, site: str) -> SiteSplits:
+        """All splits of one site from the configured source."""
+        if self.format == "iopfl_npy":
+            return read_iopfl_npy(self.root, site, num_classes=self.num_classes)
+        if self.format == "png_slices":
+            return read_png_slices(
+                self.root, site, self.pairing, self.val_fraction, self.mask_inverted
+            )
+        if self.format == "fundus":
+            return read_fundus(self.root, site, self.image_size, self.val_fraction)
+        raise AssertionError(self.format)
+
+    def _load(self) -> dict[str, SiteSplits]:
+        if self.format == "synthetic":
+            data = make_synthetic_sites(self.eval_sites, **self.synthetic)
+        else:
+            data = {site: self._read_site(site) for site in self.eval_sites}
+        _check_loaded(data, self.inside_sites, self.in_channels, self.num_classes)
+        return data
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load every site once (later calls do nothing)."""
+        if self.site_data is None:
+            self.site_data = self._load()
+
+    def _splits(self) -> dict[str, SiteSplits]:
+        """Loaded data of every site (loads on first use, so helpers work before ``setup``)."""
+        self.setup()
+        assert self.site_data is not None
+        return self.site_data
+
+    def dataset(self, site: str, split: str, labels: bool = True) -> SiteDataset:
+        """The dataset of ``site``/``split`` (train uses the train transform)."""
+        cases = self._splits()[site][split]
+        index = self.inside_sites.index(site) if split == "train" else self.eval_sites.index(site)
+        transform = self.train_transform if split == "train" else None
+        return SiteDataset(cases, index, transform, self.image_size, self.normalize, labels)
+
+    def client_sample_counts(self) -> list[int]:
+        """Training slices per client, in ``inside_sites`` order (FedAvg weights)."""
+        return [count_slices(self._splits()[site]["train"]) for site in self.inside_sites]
+
+    # ---- rounds and loaders ------------------------------------------------------------------
+
+    def configure_rounds(self, participants: Participants | None, local_epochs: int = 1) -> None:
+        """Set who trains in each round (``participants(epoch)`` -> client indices; None = all)
+        and how many passes each makes; takes effect in the next ``train_dataloader()``."""
+        if local_epochs <= 0:
+            raise ValueError(f"local_epochs must be positive, got {local_epochs}")
+        self.participants, self.local_epochs = participants, local_epochs
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def train_batch_sampler(self) -> ClientBatchSampler:
+        """The round-structured batch sampler over the inside sites' training data."""
+        return ClientBatchSampler(
+            self.client_sample_counts(),
+            self.batch_size,
+            seed=self.seed,
+            participants=self.participants,
+            local_epochs=self.local_epochs,
+            epoch=self._current_epoch(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        datasets = [self.dataset(site, "train") for site in self.inside_sites]
+        return self._loader(ConcatDataset(datasets), batch_sampler=self.train_batch_sampler())
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        if "batch_sampler" not in kwargs:
+            kwargs.update(batch_size=self.eval_batch_size, shuffle=False)
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.dataset(site, "val")) for site in self.inside_sites]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.dataset(site, "test")) for site in self.eval_sites]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.test_dataloader()
+
+    def outside_dataloader(
+        self,
+        split: str = "test",
+        site: str | None = None,
+        labels: bool = False,
+        batch_size: int | None = None,
+        shuffle: bool = False,
+    ) -> DataLoader:
+        """Images of an outside site (default: the only one), without masks unless ``labels``.
+
+        For test-time routing, which must never see the new site's labels.
+        """
+        if site is None:
+            if len(self.outside_sites) != 1:
+                raise ValueError(
+                    f"site=None needs exactly one outside site, have {self.outside_sites}"
+                )
+            site = self.outside_sites[0]
+        if site not in self.outside_sites:
+            raise ValueError(f"site {site!r} is not an outside site; outside: {self.outside_sites}")
+        _check_choice("split", split, SPLITS)
+        dataset = self.dataset(site, split, labels=labels)
+        return self._loader(dataset, batch_size=batch_size or self.eval_batch_size, shuffle=shuffle)
+
+
+# ---- argument checks -------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_root(format: str, root: str | None) -> Path | None:
+    if format == "synthetic":
+        return None if root is None else Path(root)
+    if root is None:
+        raise ValueError(f"root is required for format={format!r}")
+    if not Path(root).is_dir():
+        raise ValueError(f"root {root!r} (format={format!r}) is not a folder")
+    return Path(root)
+
+
+def _check_sites(sites: list[str] | None, valid: list[str]) -> list[str]:
+    if sites is None:
+        return [s for s in valid if s in (*SITE_STYLES, *PROSTATE_SITES, *FUNDUS_DOMAINS)]
+    unknown = [s for s in sites if s not in valid]
+    if unknown:
+        raise ValueError(f"sites: unknown site(s) {unknown}; valid sites: {valid}")
+    twice = sorted({s for s in sites if sites.count(s) > 1})
+    if twice:
+        raise ValueError(f"sites: site(s) {twice} listed more than once")
+    if not sites:
+        raise ValueError("sites: empty list; give at least one site or None for all")
+    return list(sites)
+
+
+def _check_outside(outside: list[str] | None, sites: list[str]) -> list[str]:
+    outside = list(outside or [])
+    missing = [s for s in outside if s not in sites]
+    if missing:
+        raise ValueError(f"outside: site(s) {missing} are not among sites {sites}")
+    twice = sorted({s for s in outside if outside.count(s) > 1})
+    if twice:
+        raise ValueError(f"outside: site(s) {twice} listed more than once")
+    return outside
+
+
+def _check_synthetic(overrides: dict[str, Any] | None, seed: int) -> dict[str, Any]:
+    unknown = sorted(set(overrides or {}) - set(SYNTHETIC_DEFAULTS))
+    if unknown:
+        raise ValueError(f"synthetic: unknown key(s) {unknown}; valid: {list(SYNTHETIC_DEFAULTS)}")
+    config = {**SYNTHETIC_DEFAULTS, **(overrides or {})}
+    if config["seed"] is None:
+        config["seed"] = seed
+    return config
+
+
+def _check_loaded(
+    data: dict[str, SiteSplits], inside: list[str], channels: int, num_classes: int
+) -> None:
+    """Fail before training on empty sites and inconsistent channel counts."""
+    for site, splits in data.items():
+        if site in inside and count_slices(splits["train"]) == 0:
+            raise DataError(f"site {site!r} has no training samples")
+        if count_slices(splits["test"]) == 0:
+            raise DataError(f"site {site!r} has no test samples")
+        if site in inside and count_slices(splits["val"]) == 0:
+            log.warning("site %s has no validation samples", site)
+        for split, cases in splits.items():
+            for case in cases:
+                if case.image.shape[-1] != channels:
+                    raise DataError(
+                        f"site {site!r} {split} case {case.name!r}: {case.image.shape[-1]} "
+                        f"channels, expected {channels}"
+                    )
+    log.info("loaded sites %s (%d classes)", list(data), num_classes)

@@ -1,0 +1,117 @@
+"""Torch dataset over the slices of one site split, and the train-transform builder.
+
+Every item is a dict ``{"image": float32 [C, H, W], "mask": int64 [H, W], "client": int64 [],
+"case": int64 [], "slice": int64 []}``; the default collate turns the scalars into ``[B]``.
+
+Per item: optional albumentations transform on the HWC numpy image and mask, optional resize
+(image bilinear, mask nearest), optional per-slice z-score (``normalize="zscore"``: subtract the
+mean and divide by the standard deviation of the slice's pixels over all channels). By default
+intensities stay as the reader produced them (``[0, 1]`` for PNG, fundus and synthetic data;
+as stored for the IOP-FL ``.npy`` files), as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import albumentations as A
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .cases import Case
+
+TransformSpec = list[dict[str, Any]] | dict[str, Any] | None
+Normalize = Literal["none", "zscore"]
+
+
+def build_transform(spec: Any) -> A.BaseCompose | A.BasicTransform | None:
+    """Build an albumentations pipeline from Python objects or YAML-friendly dicts.
+
+    Accepted: None; an albumentations transform or Compose; a dict in albumentations'
+    serialised form (``{"__class_fullname__": "HorizontalFlip", "p": 0.5}``, optionally wrapped in
+    ``{"transform": ...}``, as ``A.to_dict`` writes); or a list of such dicts, composed in order.
+    In a LightningCLI YAML::
+
+        data:
+          train_transform:
+            - {__class_fullname__: HorizontalFlip, p: 0.5}
+            - {__class_fullname__: RandomRotate90, p: 0.5}
+    """
+    if spec is None or isinstance(spec, A.BaseCompose | A.BasicTransform):
+        return spec
+    if isinstance(spec, dict):
+        return A.from_dict(spec if "transform" in spec else {"transform": spec})
+    if isinstance(spec, list | tuple):
+        return A.Compose([build_transform(item) for item in spec])
+    raise ValueError(
+        f"train_transform must be None, an albumentations transform, a dict or a list of dicts; "
+        f"got {type(spec).__name__}"
+    )
+
+
+class SiteDataset(Dataset):
+    """The 2D slices of a list of cases, tagged with a client (or eval-site) index.
+
+    Args:
+        cases: cases of one site split; ``case`` in a batch is the position in this list.
+        client: index written into every item's ``"client"``.
+        transform: albumentations pipeline applied to ``image=HWC float32, mask=HW``.
+        image_size: resize to ``image_size x image_size`` (None keeps the stored size).
+        normalize: ``"none"`` or per-slice ``"zscore"``.
+        labels: include ``"mask"`` (False for unlabelled test-time adaptation data).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        client: int,
+        transform: Any = None,
+        image_size: int | None = None,
+        normalize: Normalize = "none",
+        labels: bool = True,
+    ) -> None:
+        self.cases = list(cases)
+        self.client = client
+        self.transform = transform
+        self.image_size = image_size
+        self.normalize = normalize
+        self.labels = labels
+        counts = [case.num_slices for case in self.cases]
+        self.case_index = np.repeat(np.arange(len(counts)), counts)
+        self.slice_index = np.concatenate([np.arange(n) for n in counts] or [np.zeros(0, int)])
+
+    def __len__(self) -> int:
+        return len(self.case_index)
+
+    def _resize(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.image_size
+        if size is None or image.shape[-2:] == (size, size):
+            return image, mask
+        image = F.interpolate(image[None], (size, size), mode="bilinear", align_corners=False)[0]
+        mask = F.interpolate(mask[None, None].float(), (size, size), mode="nearest")[0, 0].long()
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        case_idx, slice_idx = int(self.case_index[index]), int(self.slice_index[index])
+        case = self.cases[case_idx]
+        image, mask = case.image[slice_idx], case.mask[slice_idx]
+        if self.transform is not None:
+            out = self.transform(image=np.asarray(image), mask=np.asarray(mask))
+            image, mask = out["image"], out["mask"]
+        image_t = torch.from_numpy(np.array(image.transpose(2, 0, 1), dtype=np.float32))
+        mask_t = torch.from_numpy(np.array(mask, dtype=np.int64))
+        image_t, mask_t = self._resize(image_t, mask_t)
+        if self.normalize == "zscore":
+            image_t = (image_t - image_t.mean()) / image_t.std().clamp_min(1e-6)
+        item = {
+            "image": image_t,
+            "client": torch.tensor(self.client, dtype=torch.int64),
+            "case": torch.tensor(case_idx, dtype=torch.int64),
+            "slice": torch.tensor(slice_idx, dtype=torch.int64),
+        }
+        if self.labels:
+            item["mask"] = mask_t
+        return item
