@@ -148,7 +148,8 @@ class _CaseMetric(Metric):
 
     def compute(self) -> Tensor:
         """Mean over foreground classes, then over cases (NaN before any update)."""
-        if not self.case:
+        # ``case`` is a list of batches locally and one tensor after a distributed sync.
+        if not len(self.case):
             return torch.tensor(float("nan"))
         return self._per_case()[1].mean(dim=1).mean()
 

@@ -303,3 +303,26 @@ def test_hd95_rejects_changing_slice_size():
     with pytest.raises(ValueError, match="one slice size"):
         metric.update(torch.zeros(1, 8, 16, dtype=torch.long),
                       torch.zeros(1, 8, 16, dtype=torch.long), 1)
+
+
+@pytest.mark.parametrize("cls", [CaseDice, CaseHD95])
+def test_per_case_syncs_and_restores_local_state(cls):
+    """With a (simulated) second rank holding another case, both see all cases."""
+    other = {"count": 0}
+
+    def fake_gather(tensor, group=None):
+        other["count"] += 1
+        if tensor.dtype == torch.uint8:  # the other rank's label maps: all background
+            return [tensor, torch.zeros_like(tensor)]
+        if tensor.ndim == 1 and other["count"] == 1:  # the case ids: the other rank's is 9
+            return [tensor, torch.full_like(tensor, 9)]
+        return [tensor, tensor.clone()]
+
+    y = t(square(slices=2))
+    metric = cls(2, dist_sync_fn=fake_gather, distributed_available_fn=lambda: True)
+    metric.update(y, y, t([0, 0]), t([0, 1]))
+    ids, _ = metric.per_case()
+    assert ids.tolist() == [0, 9]
+    assert len(metric.case) == 1 and metric.case[0].tolist() == [0, 0]  # unsynced again
+    other["count"] = 0
+    assert not math.isnan(metric.compute().item())
