@@ -26,7 +26,7 @@ class IOPFLCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit", True):
-            self.trainer.test(self.model, datamodule=self.datamodule)
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
 
 
 def main(args: list[str] | None = None) -> IOPFLCLI:

@@ -38,7 +38,7 @@ class SiteEvaluator:
                 "model": model,
                 "dice": float(dice.compute()),
                 "hd95": float(hd.compute()) if hd is not None else float("nan"),
-                "cases": int(dice.num_cases()) if hasattr(dice, "num_cases") else -1,
+                "cases": int(dice.per_case()[0].numel()),
             }
             out.append(row)
         self._metrics.clear()

@@ -8,7 +8,6 @@ copy through ``torch.func.functional_call``: no module is copied or moved to eva
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -112,15 +111,6 @@ class SegmentationModule(pl.LightningModule):
             return self.net(image)
         return functional_call(self.net, state, (image,), strict=True)
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # The client index as a Python int, read on the CPU: the callback needs no device sync.
-        if isinstance(batch, dict) and "client" in batch:
-            client = batch["client"]
-            if client.numel() and bool((client != client[0]).any()):
-                raise ValueError(f"a batch mixes clients {client.unique().tolist()}")
-            batch["client_id"] = int(client[0]) if client.numel() else -1
-        return batch
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = self.loss_fn(logits, batch["mask"])
@@ -155,9 +145,11 @@ class SegmentationModule(pl.LightningModule):
         self._evaluator = None
         for row in rows:
             for metric in ("dice", "hd95"):
-                self.log(f"{stage}/{row['site']}/{row['model']}/{metric}", row[metric])
+                self.log(f"{stage}/{row['site']}/{row['model']}/{metric}", row[metric], add_dataloader_idx=False)
         for name, value in means_by_model(rows).items():
-            self.log(f"{stage}/{name}", value, prog_bar=name.endswith("dice_mean"))
+            self.log(
+                f"{stage}/{name}", value, prog_bar=name.endswith("dice_mean"), add_dataloader_idx=False
+            )
         return rows
 
     def on_validation_epoch_end(self) -> None:
