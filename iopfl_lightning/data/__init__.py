@@ -2,7 +2,7 @@
 the LightningDataModule that serves sites as federated clients."""
 
 from .cases import SPLITS, Case, DataError, SiteSplits, make_case
-from .datamodule import SYNTHETIC_DEFAULTS, MultiSiteDataModule, known_sites
+from .datamodule import SYNTHETIC_DEFAULTS, MultiSiteDataModule, default_sites, known_sites
 from .dataset import SiteDataset, build_transform
 from .fundus import FUNDUS_CLASSES, FUNDUS_DOMAINS, read_fundus
 from .npy import PROSTATE_SITES, read_iopfl_npy, write_iopfl_npy
@@ -28,6 +28,7 @@ __all__ = [
     "adjacent_channels",
     "build_transform",
     "carve_val",
+    "default_sites",
     "known_sites",
     "make_case",
     "make_synthetic_sites",

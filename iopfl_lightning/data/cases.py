@@ -75,7 +75,9 @@ def as_label_mask(mask: np.ndarray, num_classes: int, source: str) -> np.ndarray
         rounded = np.rint(mask)
         off = rounded != mask
         if off.any():
-            raise DataError(f"{source}: mask value {float(mask[off].flat[0])} is not an integer label")
+            raise DataError(
+                f"{source}: mask value {float(mask[off].flat[0])} is not an integer label"
+            )
         mask = rounded.astype(np.uint8 if num_classes <= 256 else np.int64)
     low, high = mask.min(), mask.max()
     if low < 0 or high >= num_classes:

@@ -56,14 +56,39 @@ def known_sites(format: Format, root: Path | None) -> list[str]:
     return names
 
 
+def default_sites(format: Format, root: Path | None) -> list[str]:
+    """Sites used when ``sites=None``.
+
+    Synthetic: every ``SITE_STYLES`` entry. Real formats: the format's standard names whose
+    folder exists under ``root`` (PNG: also through the hospital alias, e.g. ISBI -> RUNMC), then,
+    for PNG slices, any other site folder that is not such an alias.
+    """
+    if format == "synthetic":
+        return list(SITE_STYLES)
+    assert root is not None
+    standard = FUNDUS_DOMAINS if format == "fundus" else PROSTATE_SITES
+    found = []
+    for site in standard:
+        alias = PNG_SITE_ALIASES.get(site) if format == "png_slices" else None
+        if (root / site).is_dir() or (alias and (root / alias).is_dir()):
+            found.append(site)
+    if format == "png_slices":
+        used = set(found) | {PNG_SITE_ALIASES[s] for s in found if s in PNG_SITE_ALIASES}
+        found += sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in used)
+    if not found:
+        raise ValueError(f"sites=None: no {format} site folders under root {str(root)!r}")
+    return found
+
+
 class MultiSiteDataModule(LightningDataModule):
     """Multi-site segmentation data as federated clients (see the module docstring).
 
     Args:
         format: data source; real formats need ``root``.
         root: data folder of a real format.
-        sites: sites to use (None = every site of the format; synthetic sites are the keys of
-            ``SITE_STYLES``, fundus ``Domain1..4``).
+        sites: sites to use, in client order (None = every site found, see
+            :func:`default_sites`: synthetic the keys of ``SITE_STYLES``, prostate the six IOP-FL
+            names, fundus ``Domain1..4``).
         outside: held-out sites among ``sites`` (None = none).
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (None = ``batch_size``).
@@ -107,6 +132,8 @@ class MultiSiteDataModule(LightningDataModule):
         _check_choice("normalize", normalize, ("none", "zscore"))
         self.format = format
         self.root = _check_root(format, root)
+        if sites is None:
+            sites = default_sites(format, self.root)
         self.sites = _check_sites(sites, known_sites(format, self.root))
         self.outside_sites = _check_outside(outside, self.sites)
         self.inside_sites = [s for s in self.sites if s not in self.outside_sites]
@@ -283,9 +310,7 @@ def _check_root(format: str, root: str | None) -> Path | None:
     return Path(root)
 
 
-def _check_sites(sites: list[str] | None, valid: list[str]) -> list[str]:
-    if sites is None:
-        return [s for s in valid if s in (*SITE_STYLES, *PROSTATE_SITES, *FUNDUS_DOMAINS)]
+def _check_sites(sites: list[str], valid: list[str]) -> list[str]:
     unknown = [s for s in sites if s not in valid]
     if unknown:
         raise ValueError(f"sites: unknown site(s) {unknown}; valid sites: {valid}")

@@ -118,6 +118,7 @@ def test_npy_png_and_fundus_formats(tmp_path, tiny_sites, real_sample):
     batch = next(iter(dm.train_dataloader()))
     assert dm.num_classes == 3 and batch["image"].shape == (2, 3, 12, 12)
     dm = MultiSiteDataModule("png_slices", str(real_sample), outside=["UCL"], pairing="order")
+    assert dm.eval_sites == ["BIDMC", "HK", "I2CVB", "ISBI", "ISBI_1.5", "UCL"]
     assert dm.client_sample_counts() == [3] * 5 and len(dm.test_dataloader()) == 6
     with pytest.raises(DataError, match="I2CVB"):
         MultiSiteDataModule("png_slices", str(real_sample), pairing="name").setup()
@@ -144,6 +145,7 @@ def test_npy_png_and_fundus_formats(tmp_path, tiny_sites, real_sample):
         ({"synthetic": {"sizes": 3}}, r"synthetic: unknown key\(s\) \['sizes'\]"),
         ({"pairing": "fuzzy"}, r"pairing must be one of .*'fuzzy'"),
         ({"image_size": 0}, "image_size must be positive"),
+        ({"format": "fundus", "root": "/"}, r"sites=None: no fundus site folders under root '/'"),
     ],
 )
 def test_argument_errors(kwargs, message):
