@@ -26,8 +26,10 @@ def tiny_module(seed: int = 0, **overrides) -> SegmentationModule:
     return SegmentationModule(**kwargs)
 
 
-def tiny_trainer(max_epochs: int, callbacks: list, **overrides) -> pl.Trainer:
+def tiny_trainer(max_epochs: int, callbacks: list, root, **overrides) -> pl.Trainer:
+    """A quiet CPU trainer writing into ``root`` (a tmp_path: nothing lands in the checkout)."""
     kwargs = dict(
+        default_root_dir=root,
         accelerator="cpu",
         devices=1,
         max_epochs=max_epochs,

@@ -70,13 +70,13 @@ def _assert_states_close(a, b, atol=1e-4):
         torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=1e-4, msg=k)
 
 
-def test_callback_matches_plain_fedavg_ema_loop():
+def test_callback_matches_plain_fedavg_ema_loop(tmp_path):
     dm = tiny_datamodule()
     module = tiny_module()
     module.setup("fit")
     init_state = copy.deepcopy(module.net.state_dict())
     callback = FederatedTrainer(alpha=ALPHA)
-    tiny_trainer(ROUNDS, [callback], limit_val_batches=0).fit(module, datamodule=dm)
+    tiny_trainer(ROUNDS, [callback], tmp_path, limit_val_batches=0).fit(module, datamodule=dm)
 
     reference_dm = tiny_datamodule()
     ref_global, ref_personal = plain_fedavg_ema(init_state, module.net_spec, reference_dm, ROUNDS, ALPHA)
@@ -95,9 +95,7 @@ def _fit(tmp_path, rounds, ckpt_path=None, callbacks=()):
     dm = tiny_datamodule()
     module = tiny_module()
     fed = FederatedTrainer(alpha=ALPHA)
-    trainer = tiny_trainer(
-        rounds, [fed, *callbacks], default_root_dir=tmp_path, enable_checkpointing=bool(callbacks)
-    )
+    trainer = tiny_trainer(rounds, [fed, *callbacks], tmp_path, enable_checkpointing=bool(callbacks))
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return fed, module
 
@@ -124,7 +122,7 @@ def test_routing_space_is_written_and_readable(tmp_path):
     dm = tiny_datamodule()
     module = tiny_module()
     fed = FederatedTrainer(alpha=ALPHA)
-    trainer = tiny_trainer(1, [fed], default_root_dir=tmp_path, limit_val_batches=0)
+    trainer = tiny_trainer(1, [fed], tmp_path, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     space = read_routing_space(tmp_path / "routing_space.pt")
     assert space["sites"] == dm.inside_sites and set(space["personalized"]) == set(dm.inside_sites)
@@ -133,7 +131,7 @@ def test_routing_space_is_written_and_readable(tmp_path):
     net.load_state_dict(space["personalized"]["HK"])
 
 
-def test_optimizer_state_is_reset_for_every_client():
+def test_optimizer_state_is_reset_for_every_client(tmp_path):
     seen = []
 
     class Spy(pl.Callback):
@@ -141,7 +139,7 @@ def test_optimizer_state_is_reset_for_every_client():
             seen.append((int(batch["client"][0]), len(trainer.optimizers[0].state)))
 
     dm = tiny_datamodule()
-    trainer = tiny_trainer(1, [FederatedTrainer(), Spy()], limit_val_batches=0)
+    trainer = tiny_trainer(1, [FederatedTrainer(), Spy()], tmp_path, limit_val_batches=0)
     trainer.fit(tiny_module(), datamodule=dm)
     firsts = {}
     for client, n_states in seen:
@@ -149,10 +147,10 @@ def test_optimizer_state_is_reset_for_every_client():
     assert firsts == {0: 0, 1: 0, 2: 0}  # every client starts with an empty Adam state
 
 
-def test_client_fraction_trains_a_seeded_subset():
+def test_client_fraction_trains_a_seeded_subset(tmp_path):
     dm = tiny_datamodule()
     fed = FederatedTrainer(client_fraction=0.5, seed=3)
-    trainer = tiny_trainer(1, [fed], limit_val_batches=0)
+    trainer = tiny_trainer(1, [fed], tmp_path, limit_val_batches=0)
     trainer.fit(tiny_module(), datamodule=dm)
     assert sorted(fed.personalized) == fed.participants(0) and len(fed.personalized) == 2
 
