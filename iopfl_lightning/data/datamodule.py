@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader
 
@@ -104,6 +105,10 @@ class MultiSiteDataModule(LightningDataModule):
         normalize: ``"none"`` (keep reader intensities) or per-slice ``"zscore"``.
         seed: seed of the training shuffles (and of synthetic data unless overridden).
         pin_memory: DataLoader ``pin_memory``.
+        train_on: ``inside`` (federated training on the clients) or ``outside``: test-time
+            routing, where ``train_dataloader`` yields the outside site's test images WITHOUT
+            masks (shuffled, seeded per epoch), there is no validation, and the test loaders
+            cover the outside sites only.
     """
 
     def __init__(
@@ -125,17 +130,25 @@ class MultiSiteDataModule(LightningDataModule):
         normalize: Normalize = "none",
         seed: int = 0,
         pin_memory: bool = False,
+        train_on: Literal["inside", "outside"] = "inside",
     ) -> None:
         super().__init__()
         _check_choice("format", format, ("synthetic", "iopfl_npy", "png_slices", "fundus"))
         _check_choice("pairing", pairing, ("name", "order"))
         _check_choice("normalize", normalize, ("none", "zscore"))
+        _check_choice("train_on", train_on, ("inside", "outside"))
         self.format = format
         self.root = _check_root(format, root)
         if sites is None:
             sites = default_sites(format, self.root)
         self.sites = _check_sites(sites, known_sites(format, self.root))
         self.outside_sites = _check_outside(outside, self.sites)
+        if train_on == "outside" and len(self.outside_sites) != 1:
+            raise ValueError(
+                f"train_on='outside' needs exactly one outside site (--data.outside SITE), "
+                f"got {self.outside_sites}"
+            )
+        self.train_on = train_on
         self.inside_sites = [s for s in self.sites if s not in self.outside_sites]
         if not self.inside_sites:
             raise ValueError(
@@ -244,6 +257,8 @@ class MultiSiteDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_on == "outside":
+            return self.outside_dataloader(shuffle=True)
         datasets = [self.dataset(site, "train") for site in self.inside_sites]
         return self._loader(ConcatDataset(datasets), batch_sampler=self.train_batch_sampler())
 
@@ -259,10 +274,17 @@ class MultiSiteDataModule(LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
+        if self.train_on == "outside":
+            return []  # no labels of the new site may steer test-time fitting
         return [self._loader(self.dataset(site, "val")) for site in self.inside_sites]
 
+    @property
+    def test_sites(self) -> list[str]:
+        """Sites of the test loaders, in order (outside sites only when ``train_on='outside'``)."""
+        return self.outside_sites if self.train_on == "outside" else self.eval_sites
+
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.dataset(site, "test")) for site in self.eval_sites]
+        return [self._loader(self.dataset(site, "test")) for site in self.test_sites]
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()
@@ -289,7 +311,10 @@ class MultiSiteDataModule(LightningDataModule):
             raise ValueError(f"site {site!r} is not an outside site; outside: {self.outside_sites}")
         _check_choice("split", split, SPLITS)
         dataset = self.dataset(site, split, labels=labels)
-        return self._loader(dataset, batch_size=batch_size or self.eval_batch_size, shuffle=shuffle)
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return self._loader(
+            dataset, batch_size=batch_size or self.eval_batch_size, shuffle=shuffle, generator=generator
+        )
 
 
 # ---- argument checks -------------------------------------------------------------------------

@@ -120,7 +120,7 @@ class SegmentationModule(pl.LightningModule):
     # ------------------------------------------------------------ evaluation
     def _site(self, stage: str, dataloader_idx: int) -> str:
         datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "inside_sites" if stage == "val" else "eval_sites", None)
+        names = getattr(datamodule, "inside_sites" if stage == "val" else "test_sites", None)
         return names[dataloader_idx] if names else f"site{dataloader_idx}"
 
     def _evaluate(self, stage: str, batch: dict, dataloader_idx: int) -> None:
