@@ -7,15 +7,19 @@ layer applies the correspondingly mixed kernel and bias.
 
 Design choices (see DESIGN.md, section 3):
 
-- Experts are **buffers** (``expert_weight`` [E, ...], ``expert_bias`` [E, out] or None), not
-  parameters: they are never trained at test time, so they must not show up in
-  ``model.parameters()`` (no optimizer can pick them up by accident), yet they are saved in
-  ``state_dict`` and follow ``.to(device)``, ``.half()`` and ``.to(dtype)`` like any tensor of
-  the module. (Under DDP with ``broadcast_buffers=True`` they would be re-broadcast every
-  step; test-time routing runs on one device, so this is not an issue in practice.)
-- Mixing is **batched**: weights ``w`` [B, E] mix the kernels with one einsum, and the
-  batch is folded into the channel axis so that one grouped convolution (groups =
-  B * original groups) applies every sample's own kernel. No Python loop over samples.
+- Experts are **buffers**, not parameters: they are never trained at test time, so they
+  must not show up in ``model.parameters()`` (no optimizer can pick them up by accident), yet
+  they are saved in ``state_dict`` and follow ``.to(device)``, ``.half()`` and ``.to(dtype)``
+  like any tensor of the module. (Under DDP with ``broadcast_buffers=True`` they would be
+  re-broadcast every step; test-time routing runs on one device, so this does not arise.)
+- The kernels are stored **flattened**: ``expert_weight`` [E, numel] (one row per expert,
+  ``expert_kernels`` views it as [E, *weight_shape]) and ``expert_bias`` [E, out] or None.
+  A 5-D buffer would make ``model.to(memory_format=torch.channels_last)`` fail, and the
+  flat layout makes mixing one matrix product.
+- Mixing is **batched**: weights ``w`` [B, E] mix the kernels with one product
+  (``einsum("be,e...->b...")``), and the batch is folded into the channel axis so that one
+  grouped convolution (groups = B * original groups) applies every sample's own kernel.
+  No Python loop over samples.
 - Routers start from a well-defined mixture (``start="uniform"`` or ``"global"``) unless
   ``start="random"`` asks for the reference's default ``nn.Linear`` initialisation.
 """
@@ -176,7 +180,8 @@ class RoutedLayer(nn.Module):
                              f"{tuple(expert_weight.shape)}")
         if expert_bias is not None and (expert_bias.dim() != 2 or expert_bias.shape[0] != num):
             raise ValueError(f"expert_bias must be [E={num}, out], got {tuple(expert_bias.shape)}")
-        self.register_buffer("expert_weight", expert_weight.detach().clone())
+        self.weight_shape: tuple[int, ...] = tuple(expert_weight.shape[1:])
+        self.register_buffer("expert_weight", expert_weight.detach().reshape(num, -1).clone())
         self.register_buffer(
             "expert_bias", None if expert_bias is None else expert_bias.detach().clone()
         )
@@ -189,6 +194,11 @@ class RoutedLayer(nn.Module):
     def num_experts(self) -> int:
         """E: number of experts (K personalized + 1 global)."""
         return self.expert_weight.shape[0]
+
+    @property
+    def expert_kernels(self) -> Tensor:
+        """The experts' kernels as a view [E, *weight_shape] (same layout as the source layer)."""
+        return self.expert_weight.view(self.num_experts, *self.weight_shape)
 
     def set_gate_override(self, weights: Tensor | None) -> None:
         """Force mixture weights [E] or [B, E] (bypassing the router), or ``None`` to undo."""
@@ -211,14 +221,11 @@ class RoutedLayer(nn.Module):
         return w
 
     def _mix(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Mix experts with weights [E] -> (kernel, bias) or [B, E] -> ([B, ...], [B, out])."""
+        """Mix experts: weights [E] -> (kernel [*weight_shape], bias [out]); weights [B, E] ->
+        (kernels [B, *weight_shape], biases [B, out]). One matrix product each."""
         w = w.to(self.expert_weight.dtype)
-        if w.dim() == 1:
-            weight = torch.einsum("e,e...->...", w, self.expert_weight)
-            bias = None if self.expert_bias is None else w @ self.expert_bias
-        else:
-            weight = torch.einsum("be,e...->b...", w, self.expert_weight)
-            bias = None if self.expert_bias is None else w @ self.expert_bias
+        weight = (w @ self.expert_weight).reshape(*w.shape[:-1], *self.weight_shape)
+        bias = None if self.expert_bias is None else w @ self.expert_bias
         return weight, bias
 
     def extra_repr(self) -> str:
@@ -233,7 +240,7 @@ def _keep_channels_last(out: Tensor, x: Tensor) -> Tensor:
 
 
 class RoutedConv2d(RoutedLayer):
-    """Routed ``nn.Conv2d``: expert_weight [E, Cout, Cin/groups, kh, kw], expert_bias [E, Cout].
+    """Routed ``nn.Conv2d`` from expert kernels [E, Cout, Cin/groups, kh, kw] and biases [E, Cout].
 
     The batched path reshapes the input to [1, B*Cin, H, W] and the mixed kernels to
     [B*Cout, Cin/groups, kh, kw] and runs one convolution with groups = B * groups.
@@ -323,7 +330,7 @@ class RoutedConv2d(RoutedLayer):
 
 
 class RoutedConvTranspose2d(RoutedLayer):
-    """Routed ``nn.ConvTranspose2d``: expert_weight [E, Cin, Cout/groups, kh, kw].
+    """Routed ``nn.ConvTranspose2d`` from expert kernels [E, Cin, Cout/groups, kh, kw].
 
     Transposed-conv weights are laid out [Cin, Cout/groups, ...], so the folded kernel is
     [B*Cin, Cout/groups, kh, kw] with groups = B * groups. Only zero padding exists for
@@ -408,7 +415,7 @@ class RoutedConvTranspose2d(RoutedLayer):
 
 
 class RoutedLinear(RoutedLayer):
-    """Routed ``nn.Linear``: expert_weight [E, out, in], expert_bias [E, out].
+    """Routed ``nn.Linear`` from expert matrices [E, out, in] and biases [E, out].
 
     Input [B, ..., in]; the router sees the mean over the middle axes (the whole vector for
     [B, in]). The batched path is one ``torch.bmm`` with every sample's mixed matrix.

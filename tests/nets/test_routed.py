@@ -43,7 +43,7 @@ def per_sample_loop(layer: RoutedLayer, x: Tensor) -> Tensor:
         else:
             pooled = xi.mean(dim=(2, 3))
         w = layer.router(pooled)[0]
-        kernel = sum(w[e] * layer.expert_weight[e] for e in range(layer.num_experts))
+        kernel = sum(w[e] * layer.expert_kernels[e] for e in range(layer.num_experts))
         bias = None
         if layer.expert_bias is not None:
             bias = sum(w[e] * layer.expert_bias[e] for e in range(layer.num_experts))
@@ -201,6 +201,7 @@ def test_channels_last_and_bf16_autocast():
     layer = conv_layer(4, 6, 3, 1, padding=1)
     x = torch.randn(2, 4, 8, 8)
     xc = x.contiguous(memory_format=torch.channels_last)
+    layer.to(memory_format=torch.channels_last)  # the usual idiom must not trip on expert buffers
     out = layer(xc)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, layer(x))
