@@ -90,7 +90,9 @@ class MultiSiteDataModule(LightningDataModule):
         sites: sites to use, in client order (None = every site found, see
             :func:`default_sites`: synthetic the keys of ``SITE_STYLES``, prostate the six IOP-FL
             names, fundus ``Domain1..4``).
-        outside: held-out sites among ``sites`` (None = none).
+        outside: held-out sites among ``sites`` (None = none). On the command line
+            ``--data.outside UCL``, ``--data.outside UCL,HK``, ``--data.outside "[UCL, HK]"`` or
+            repeated ``--data.outside+ UCL --data.outside+ HK``.
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (None = ``batch_size``).
         num_workers: DataLoader worker processes.
@@ -116,7 +118,7 @@ class MultiSiteDataModule(LightningDataModule):
         format: Format = "synthetic",
         root: str | None = None,
         sites: list[str] | None = None,
-        outside: list[str] | None = None,
+        outside: list[str] | str | None = None,
         batch_size: int = 5,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -347,7 +349,9 @@ def _check_sites(sites: list[str], valid: list[str]) -> list[str]:
     return list(sites)
 
 
-def _check_outside(outside: list[str] | None, sites: list[str]) -> list[str]:
+def _check_outside(outside: list[str] | str | None, sites: list[str]) -> list[str]:
+    if isinstance(outside, str):
+        outside = [s.strip() for s in outside.split(",") if s.strip()]
     outside = list(outside or [])
     missing = [s for s in outside if s not in sites]
     if missing:

@@ -1,0 +1,59 @@
+"""End to end through the CLI: the tiny twins of the experiment configs, and early errors."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from iopfl_lightning.cli import main
+from iopfl_lightning.federated import read_routing_space
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs"
+
+
+def _run(args, tmp_path):
+    return main([*args, "--trainer.default_root_dir", str(tmp_path),
+                 "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
+def test_demo_twin_runs_fit_then_test_and_writes_the_results_contract(tmp_path):
+    cli = _run(["fit", "--config", str(TINY / "demo_tiny.yaml")], tmp_path)
+    run_dir = Path(cli.trainer.log_dir)
+    with open(run_dir / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"site", "model", "dice", "hd95"} <= set(rows[0])
+    sites = cli.datamodule.inside_sites
+    assert {(r["site"], r["model"]) for r in rows} == {
+        (s, m) for s in sites for m in ("global", "personalized")
+    }
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert "| site |" in (run_dir / "results.md").read_text()
+    space = read_routing_space(run_dir / "routing_space.pt")
+    assert space["sites"] == sites and space["rounds"] == 2
+
+
+def test_leave_one_site_out_keeps_the_site_out_of_training(tmp_path):
+    cli = _run(["fit", "--config", str(TINY / "demo_tiny.yaml"), "--data.outside", "UCL"], tmp_path)
+    run_dir = Path(cli.trainer.log_dir)
+    space = read_routing_space(run_dir / "routing_space.pt")
+    assert "UCL" not in space["sites"]
+    with open(run_dir / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["model"] for r in rows if r["site"] == "UCL"] == ["global"]
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (["--data.sites", "[BIDMC, NOWHERE]"], "NOWHERE"),
+        (["--data.outside", "RUNMC"], "RUNMC"),
+        (["--data.batch_size", "0"], "batch_size"),
+        (["--data.sites", "[HK, HK]"], "more than once"),
+    ],
+)
+def test_bad_data_arguments_fail_before_training(tmp_path, override, match):
+    with pytest.raises((ValueError, SystemExit)) as info:
+        _run(["fit", "--config", str(TINY / "demo_tiny.yaml"), *override], tmp_path)
+    assert match in str(info.value) or isinstance(info.value, SystemExit)
+    assert not list(tmp_path.rglob("*.ckpt"))
