@@ -266,7 +266,8 @@ class MultiSiteDataModule(LightningDataModule):
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         if "batch_sampler" not in kwargs:
-            kwargs.update(batch_size=self.eval_batch_size, shuffle=False)
+            kwargs.setdefault("batch_size", self.eval_batch_size)
+            kwargs.setdefault("shuffle", False)
         return DataLoader(
             dataset,
             num_workers=self.num_workers,
