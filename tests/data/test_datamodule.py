@@ -226,3 +226,27 @@ def test_lightning_calls_set_epoch_through_the_hook(tmp_path):
     assert _expected(dm, 0) != _expected(dm, 1)
     for epoch in (0, 1):
         assert [(c, s) for ep, _, c, s in model.seen if ep == epoch] == _expected(dm, epoch)
+
+
+def test_outside_given_as_comma_string():
+    dm = tiny_dm(sites=["HK", "UCL", "ISBI"], outside="UCL, ISBI")
+    assert dm.outside_sites == ["UCL", "ISBI"] and dm.inside_sites == ["HK"]
+
+
+def test_train_on_outside_serves_unlabelled_target_images():
+    dm = tiny_dm(sites=["HK", "UCL", "ISBI"], outside=["UCL"], train_on="outside", batch_size=2)
+    assert dm.test_sites == ["UCL"] and dm.val_dataloader() == []
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert all("mask" not in b for b in batches)
+    assert all((b["client"] == 2).all() for b in batches)  # UCL's index in eval_sites
+    keys = [(int(c), int(s)) for b in batches for c, s in zip(b["case"], b["slice"], strict=True)]
+    assert sorted(keys) == [(0, s) for s in range(4)] and keys != sorted(keys)  # shuffled, complete
+    (test,) = dm.test_dataloader()
+    assert "mask" in next(iter(test)) and (next(iter(test))["client"] == 2).all()
+    assert tiny_dm(sites=["HK", "UCL"], outside=["UCL"]).test_sites == ["HK", "UCL"]
+
+
+def test_train_on_outside_needs_one_outside_site():
+    with pytest.raises(ValueError, match=r"train_on='outside' needs exactly one outside site"):
+        tiny_dm(sites=["HK", "UCL"], train_on="outside")
