@@ -145,6 +145,7 @@ class RoutingModule(pl.LightningModule):
         self._uniform = average_states(experts.states)
         self._online: dict[str, dict[tuple[int, int], Tensor]] = {m: {} for m in ADAPTED}
         self._evaluator: SiteEvaluator | None = None
+        self._steps = 0
         self.test_results: list[dict] = []
 
     @staticmethod
@@ -209,12 +210,16 @@ class RoutingModule(pl.LightningModule):
 
     # ------------------------------------------------------------ fitting (no labels)
     def on_fit_start(self) -> None:
-        if self.trainer.num_training_batches == 0:
-            dm = getattr(self.trainer, "datamodule", None)
-            site = getattr(dm, "outside_sites", ["?"])
-            raise ValueError(f"empty target: outside site {site} has no images to adapt on")
+        self._steps = 0
         for store in self._online.values():
             store.clear()
+
+    def on_fit_end(self) -> None:
+        """Refuse a fit that saw no image (an empty target) instead of reporting step 0."""
+        if self._steps == 0:
+            dm = getattr(self.trainer, "datamodule", None)
+            site = getattr(dm, "outside_sites", None) or "of the train loader"
+            raise ValueError(f"empty target: outside site {site} gave no images to adapt on")
 
     def routed_objective(self, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted entropy + consistency + shape loss of the routed net on ``image``."""
@@ -238,6 +243,7 @@ class RoutingModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         image = batch["image"]  # the target's labels are never read here
+        self._steps += 1
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         loss, parts = self.routed_objective(image)

@@ -1,0 +1,184 @@
+"""RoutingModule: label-free fitting, trainable set, uniform start, baselines, clear errors."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.func import functional_call
+from torch.utils.data import DataLoader, Dataset
+
+from iopfl_lightning.federated.routing_space import write_routing_space
+from iopfl_lightning.modules.routing import RoutingModule
+from iopfl_lightning.modules.routing_experts import average_states
+from iopfl_lightning.nets import build_from_spec, net_spec
+from iopfl_lightning.nets.routed import norm_affine_parameters, routed_layers, router_parameters
+from tests.helpers import tiny_datamodule, tiny_trainer
+
+INSIDE = ["BIDMC", "HK"]
+
+
+def random_states(spec: dict, count: int) -> list[dict]:
+    """``count`` distinct state dicts of ``spec`` with perturbed BatchNorm statistics."""
+    states = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        net = build_from_spec(spec)
+        for name, value in net.state_dict().items():
+            if "running" in name:
+                value.copy_(torch.rand_like(value) + 0.5)
+        states.append(net.state_dict())
+    return states
+
+
+def write_space(path, sites=INSIDE, features=4, num_classes=2, **changes) -> str:
+    spec = net_spec("unet", in_channels=3, num_classes=num_classes, features=features)
+    *site_states, global_state = random_states(spec, len(sites) + 1)
+    personalized = dict(zip(sites, site_states, strict=True))
+    personalized.update(changes)
+    write_routing_space(path, net_spec=spec, sites=list(sites), global_state=global_state,
+                        personalized=personalized)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory) -> str:
+    return write_space(tmp_path_factory.mktemp("space") / "routing_space.pt")
+
+
+def outside_dm(**kw):
+    return tiny_datamodule(outside=["UCL"], train_on="outside", **kw)
+
+
+class GarbageMasks(Dataset):
+    """The outside site's labelled test slices with every mask replaced by random labels."""
+
+    def __init__(self, base):
+        self.base = base
+        self.rng = torch.Generator().manual_seed(123)  # not the global RNG the fit draws from
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        item = dict(self.base[i])
+        item["mask"] = torch.randint(0, 2, item["mask"].shape, generator=self.rng)
+        return item
+
+
+def fitted_trainables(space, loader_or_dm, tmp_path) -> list[torch.Tensor]:
+    pl.seed_everything(0, verbose=False)
+    module = RoutingModule(space, eval_mode="offline", baselines=[])
+    trainer = tiny_trainer(1, [], tmp_path)
+    if isinstance(loader_or_dm, DataLoader):
+        trainer.fit(module, train_dataloaders=loader_or_dm)
+    else:
+        trainer.fit(module, datamodule=loader_or_dm)
+    return [p.detach().clone() for p in router_parameters(module.net)
+            + norm_affine_parameters(module.net)]
+
+
+def test_fit_never_uses_labels(space, tmp_path):
+    dm = outside_dm()
+    without = fitted_trainables(space, dm, tmp_path / "a")
+    garbage = DataLoader(GarbageMasks(dm.dataset("UCL", "test", labels=True)),
+                         batch_size=dm.eval_batch_size, shuffle=True,
+                         generator=torch.Generator().manual_seed(dm.seed))
+    with_garbage = fitted_trainables(space, garbage, tmp_path / "b")
+    start = [p.detach() for p in router_parameters(RoutingModule(space, baselines=[]).net)]
+    assert any(not torch.equal(a, b) for a, b in zip(without, start, strict=False))  # it moved
+    assert all(torch.equal(a, b) for a, b in zip(without, with_garbage, strict=True))
+
+
+def test_only_routers_and_norm_affine_train_and_all_routers_get_gradients(space):
+    module = RoutingModule(space, baselines=[])
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    expected = router_parameters(module.net) + norm_affine_parameters(module.net)
+    assert trainable == {id(p) for p in expected}
+    assert all(b.requires_grad is False for b in module.net.buffers())
+    optimizer = torch.optim.Adam(expected, lr=1e-2)
+    image = outside_dm().dataset("UCL", "test", labels=False)[0]["image"]
+    batch = torch.stack([image, image.flip(-1), image.flip(-2)])
+    for _ in range(2):  # zero-init last router layers: first layers get gradients from step 2
+        optimizer.zero_grad()
+        module.routed_objective(batch)[0].backward()
+        optimizer.step()
+    for name, layer in routed_layers(module.net):
+        for pname, p in layer.router.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.router.{pname}"
+
+
+def test_uniform_start_is_the_uniform_weight_average(space):
+    module = RoutingModule(space, start="uniform", norm="running", baselines=[]).eval()
+    states = module._states
+    uniform = average_states(states)
+    state = dict(states[-1])  # norm parameters and buffers of the global model
+    for name, _ in routed_layers(module.net):
+        for key in (f"{name}.weight", f"{name}.bias"):
+            if key in state:
+                state[key] = uniform[key]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = functional_call(module.plain, state, (x,))
+        assert torch.allclose(module.net(x), expected, atol=1e-5)
+        # the 'global' baseline is a different model
+        assert not torch.allclose(functional_call(module.plain, states[-1], (x,)), expected)
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_fit_then_test_reports_every_model(space, tmp_path, mode):
+    module = RoutingModule(space, eval_mode=mode)
+    dm = outside_dm()
+    trainer = tiny_trainer(1, [], tmp_path)
+    trainer.fit(module, datamodule=dm)
+    trainer.test(module, datamodule=dm, verbose=False)
+    rows = module.test_results
+    assert [r["model"] for r in rows] == ["global", "uniform", "ensemble", "tent", "routed"]
+    assert {r["site"] for r in rows} == {"UCL"}
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "results.md").is_file()
+
+
+def test_online_test_without_fit_is_refused(space, tmp_path):
+    with pytest.raises(ValueError, match="online"):
+        tiny_trainer(1, [], tmp_path).test(RoutingModule(space), datamodule=outside_dm())
+
+
+def test_bad_choices_are_refused_early(space):
+    for kwargs, word in [({"gate": "relu"}, "gate"), ({"start": "zero"}, "start"),
+                         ({"norm": "instance"}, "norm"), ({"eval_mode": "best"}, "eval_mode"),
+                         ({"baselines": ["oracle"]}, "baselines"), ({"lr": 0}, "lr")]:
+        with pytest.raises(ValueError, match=word):
+            RoutingModule(space, **kwargs)
+
+
+def test_routing_space_errors_name_the_site_or_layer(tmp_path):
+    with pytest.raises(ValueError, match="K = 0"):
+        RoutingModule(write_space(tmp_path / "k0.pt", sites=[]))
+    spec = net_spec("unet", in_channels=3, num_classes=2, features=4)
+    wide = build_from_spec({**spec, "features": 8}).state_dict()
+    with pytest.raises(ValueError, match=r"site 'HK'.*encoder1\.conv1"):
+        RoutingModule(write_space(tmp_path / "arch.pt", HK=wide))
+    space = write_space(tmp_path / "nosite.pt")
+    payload = torch.load(space, weights_only=True)
+    del payload["personalized"]["HK"]
+    torch.save(payload, space)
+    with pytest.raises(ValueError, match="HK"):
+        RoutingModule(space)
+
+
+def test_outside_site_that_trained_inside_is_refused(tmp_path):
+    space = write_space(tmp_path / "leak.pt", sites=["BIDMC", "UCL"])
+    with pytest.raises(ValueError, match="UCL"):
+        tiny_trainer(1, [], tmp_path).fit(RoutingModule(space), datamodule=outside_dm())
+
+
+def test_empty_target_is_refused(space, tmp_path):
+    empty = DataLoader(GarbageMasks([]), batch_size=2)
+    with pytest.raises(ValueError, match="empty target"):
+        tiny_trainer(1, [], tmp_path).fit(RoutingModule(space), train_dataloaders=empty)
+
+
+def test_inside_training_data_is_refused(space, tmp_path):
+    dm = tiny_datamodule(outside=["UCL"])
+    with pytest.raises(ValueError, match="train_on"):
+        tiny_trainer(1, [], tmp_path).fit(RoutingModule(space), datamodule=dm)
