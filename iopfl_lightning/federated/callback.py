@@ -122,6 +122,10 @@ class FederatedTrainer(Callback):
             if trainer.val_check_interval != 1.0:
                 raise ValueError("FederatedTrainer needs val_check_interval=1.0 (one round = one epoch)")
             datamodule.configure_rounds(self.participants, self.local_epochs)
+            if self.client_fraction < 1.0 and trainer.reload_dataloaders_every_n_epochs != 1:
+                # rounds differ in length; Lightning sizes an epoch when the loader is built
+                log.info("client_fraction < 1: rebuilding the training loader every round")
+                trainer.reload_dataloaders_every_n_epochs = 1
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         net = self._net(pl_module)

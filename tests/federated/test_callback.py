@@ -150,9 +150,18 @@ def test_optimizer_state_is_reset_for_every_client(tmp_path):
 def test_client_fraction_trains_a_seeded_subset(tmp_path):
     dm = tiny_datamodule()
     fed = FederatedTrainer(client_fraction=0.5, seed=3)
-    trainer = tiny_trainer(1, [fed], tmp_path, limit_val_batches=0)
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(trainer.current_epoch, set()).add(int(batch["client"][0]))
+
+    trainer = tiny_trainer(3, [fed, Spy()], tmp_path, limit_val_batches=0)
     trainer.fit(tiny_module(), datamodule=dm)
-    assert sorted(fed.personalized) == fed.participants(0) and len(fed.personalized) == 2
+    for round_idx in range(3):  # rounds of different participants keep their full length
+        assert sorted(seen[round_idx]) == fed.participants(round_idx)
+        assert len(seen[round_idx]) == 2
+    assert sorted(fed.personalized) == sorted(set().union(*seen.values()))
 
 
 @pytest.mark.parametrize(
