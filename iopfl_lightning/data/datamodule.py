@@ -292,6 +292,13 @@ class MultiSiteDataModule(LightningDataModule):
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Adds ``client_id`` (a Python int, read on the CPU before the batch moves) so the
+        federated callback can see the client without a device synchronisation per batch."""
+        if isinstance(batch, dict) and "client" in batch and batch["client"].numel():
+            batch["client_id"] = int(batch["client"][0])
+        return batch
+
     def outside_dataloader(
         self,
         split: str = "test",
