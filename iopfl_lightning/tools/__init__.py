@@ -1,0 +1,1 @@
+"""Command-line tools built on the CLI (e.g. the leave-one-site-out matrix, ``tools.loso``)."""
