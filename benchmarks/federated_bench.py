@@ -1,0 +1,235 @@
+"""Federated rounds: the Lightning engine (FederatedTrainer) vs a plain PyTorch FedAvg+EMA loop.
+
+Both run the same net, data, loss, Adam (amsgrad, fresh per client and round), EMA
+personalization (alpha 0.1), sample-weighted FedAvg and per-round evaluation of the global and
+every personalized model on every client's validation split. The plain loop is written the way
+people usually write it: ``copy.deepcopy`` of state dicts, averaging whole state dicts, and a
+deep-copied module to evaluate each personalized copy.
+
+Round time runs from the first batch of a round to the end of its evaluation; round 0 is warm-up
+(cuDNN autotuning, torch.compile) and is left out of the statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+from common import MemoryMeter, Stopwatch, autocast, summary, sync, time_methods
+from torch.utils.data import DataLoader
+
+from iopfl_lightning.data import MultiSiteDataModule
+from iopfl_lightning.data.synthetic import SITE_STYLES
+from iopfl_lightning.federated import FederatedTrainer
+from iopfl_lightning.modules import SegmentationModule
+from iopfl_lightning.modules.losses import SegmentationLoss
+from iopfl_lightning.nets import build_net
+
+ALPHA = 0.1
+LR = 1e-3
+
+
+@dataclass
+class FedConfig:
+    clients: int = 3
+    size: int = 64
+    batch: int = 8
+    features: int = 16
+    rounds: int = 3
+    train_cases: int = 2
+    val_cases: int = 1
+    slices: int = 8
+    workers: int = 0
+    precision: str = "32-true"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+
+
+def make_datamodule(cfg: FedConfig) -> MultiSiteDataModule:
+    sites = list(SITE_STYLES)
+    if not 1 <= cfg.clients <= len(sites):
+        raise ValueError(f"clients must be 1..{len(sites)} (synthetic sites), got {cfg.clients}")
+    dm = MultiSiteDataModule(
+        format="synthetic",
+        sites=sites[: cfg.clients],
+        batch_size=cfg.batch,
+        num_workers=cfg.workers,
+        synthetic={"size": cfg.size, "slices": cfg.slices,
+                   "cases_per_split": {"train": cfg.train_cases, "val": cfg.val_cases, "test": 1}},
+        seed=cfg.seed,
+    )
+    dm.setup("fit")
+    return dm
+
+
+class _RoundClock(pl.Callback):
+    """Round wall/CPU time and images trained; ``start`` goes first, ``end`` last."""
+
+    def __init__(self, device: torch.device, shared: dict | None = None, role: str = "start"):
+        self.device, self.role = device, role
+        self.shared = shared if shared is not None else {"rounds": [], "images": 0}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.role == "start":
+            sync(self.device)
+            self.shared.update(t0=time.perf_counter(), c0=time.process_time(), images=0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.role == "start":
+            self.shared["images"] += int(batch["image"].shape[0])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.role == "end":
+            sync(self.device)
+            s = self.shared
+            s["rounds"].append({"wall": time.perf_counter() - s["t0"],
+                                "cpu": time.process_time() - s["c0"], "images": s["images"]})
+
+
+def _round_stats(rounds: list[dict]) -> dict:
+    measured = rounds[1:] if len(rounds) > 1 else rounds
+    walls = [r["wall"] for r in measured]
+    images = measured[0]["images"]
+    best = min(walls)
+    return {
+        "images_per_round": images,
+        "round_s": summary(walls),
+        "round_cpu_s": summary([r["cpu"] for r in measured]),
+        "images_per_s": images / best,  # best round (noisy shared CPU)
+        "images_per_s_median": images / summary(walls)["median"],
+    }
+
+
+def lightning_rounds(cfg: FedConfig, device: torch.device) -> dict:
+    """Rounds through ``Trainer.fit`` with the FederatedTrainer callback."""
+    pl.seed_everything(cfg.seed, verbose=False)
+    dm = make_datamodule(cfg)
+    module = SegmentationModule(net="unet", features=cfg.features, lr=LR, val_hd95=False,
+                                channels_last=cfg.channels_last,
+                                **({"compile": True} if cfg.compile else {}))
+    fed = FederatedTrainer(alpha=ALPHA)
+    methods = time_methods(fed, ["_start_client", "_finish_client", "_finish_round"], device,
+                           when={"_finish_round": lambda: fed._accumulator is not None})
+    shared: dict = {"rounds": [], "images": 0}
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision=cfg.precision,
+            max_epochs=cfg.rounds,
+            callbacks=[_RoundClock(device, shared, "start"), fed, _RoundClock(device, shared, "end")],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=root,
+        )
+        with MemoryMeter(device) as mem:
+            trainer.fit(module, datamodule=dm)
+    out = _round_stats(shared["rounds"])
+    # Per-round method times, warm-up round (its first K + 1 calls) left out.
+    k = cfg.clients
+    start, finish = methods["_start_client"][k:], methods["_finish_client"][k:]
+    agg = methods["_finish_round"][1:]
+    out["client_switch_ms"] = summary([a + b for a, b in zip(start, finish, strict=False)])
+    out["aggregation_ms"] = summary(agg)
+    overhead = sum(start) + sum(finish) + sum(agg)
+    total = sum(r["wall"] for r in shared["rounds"][1:]) * 1e3
+    out["switch_agg_pct_of_round"] = 100.0 * overhead / total if total else float("nan")
+    out["peak_mb"], out["peak_delta_mb"] = mem.peak_mb, mem.delta_mb
+    return out
+
+
+# ----------------------------------------------------------------------------- plain loop
+def _dice(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    pred = logits.argmax(1) > 0
+    fg = mask > 0
+    inter = (pred & fg).sum().item()
+    denom = pred.sum().item() + fg.sum().item()
+    return 1.0 if denom == 0 else 2.0 * inter / denom
+
+
+def plain_rounds(cfg: FedConfig, device: torch.device) -> dict:
+    """The same rounds as a plain PyTorch loop (deepcopy / state_dict based)."""
+    torch.manual_seed(cfg.seed)
+    dm = make_datamodule(cfg)
+    sites = dm.inside_sites
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train = [DataLoader(dm.dataset(s, "train"), batch_size=cfg.batch, shuffle=True,
+                        generator=gen, num_workers=cfg.workers) for s in sites]
+    val = [DataLoader(dm.dataset(s, "val"), batch_size=cfg.batch) for s in sites]
+    counts = [len(loader.dataset) for loader in train]
+    model = build_net("unet", in_channels=dm.in_channels, num_classes=dm.num_classes,
+                      features=cfg.features).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    forward = torch.compile(model) if cfg.compile else model
+    loss_fn = SegmentationLoss("dice")
+    global_state = copy.deepcopy(model.state_dict())
+    personalized: dict[int, dict] = {}
+    rounds, switch_ms, agg_ms = [], [], []
+
+    def to_dev(x):
+        return x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+
+    with MemoryMeter(device) as mem:
+        for _ in range(cfg.rounds):
+            with Stopwatch(device) as round_clock:
+                images, local_states = 0, []
+                for k, loader in enumerate(train):
+                    with Stopwatch(device) as sw:
+                        model.load_state_dict(global_state)
+                        opt = torch.optim.Adam(model.parameters(), lr=LR, amsgrad=True)
+                    switch = sw.wall
+                    model.train()
+                    for batch in loader:
+                        x, y = to_dev(batch["image"]), batch["mask"].to(device, non_blocking=True)
+                        with autocast(device, cfg.precision):
+                            loss = loss_fn(forward(x), y)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        images += x.shape[0]
+                    with Stopwatch(device) as sw:
+                        local = copy.deepcopy(model.state_dict())
+                        local_states.append(local)
+                        if k not in personalized:
+                            personalized[k] = copy.deepcopy(local)
+                        else:
+                            personalized[k] = {
+                                n: ALPHA * p + (1 - ALPHA) * local[n] if p.is_floating_point()
+                                else local[n].clone() for n, p in personalized[k].items()}
+                    switch_ms.append((switch + sw.wall) * 1e3)
+                with Stopwatch(device) as sw:
+                    total = float(sum(counts))
+                    global_state = {
+                        n: sum(s[n] * (c / total) for s, c in zip(local_states, counts, strict=True))
+                        if v.is_floating_point() else torch.stack([s[n] for s in local_states]).amax(0)
+                        for n, v in local_states[0].items()}
+                    model.load_state_dict(global_state)
+                agg_ms.append(sw.wall * 1e3)
+                model.eval()
+                scores = []
+                with torch.no_grad(), autocast(device, cfg.precision):
+                    for k, loader in enumerate(val):
+                        own = copy.deepcopy(model)
+                        own.load_state_dict(personalized[k])
+                        for batch in loader:
+                            x, y = to_dev(batch["image"]), batch["mask"].to(device)
+                            scores += [_dice(model(x), y), _dice(own(x), y)]
+            rounds.append({"wall": round_clock.wall, "cpu": round_clock.cpu, "images": images})
+    out = _round_stats(rounds)
+    k = cfg.clients
+    out["client_switch_ms"] = summary(switch_ms[k:])
+    out["aggregation_ms"] = summary(agg_ms[1:])
+    total = sum(r["wall"] for r in rounds[1:]) * 1e3
+    out["switch_agg_pct_of_round"] = 100.0 * (sum(switch_ms[k:]) + sum(agg_ms[1:])) / total
+    out["peak_mb"], out["peak_delta_mb"] = mem.peak_mb, mem.delta_mb
+    out["val_dice_last"] = sum(scores) / len(scores)
+    return out

@@ -1,0 +1,126 @@
+"""Test-time routing step: the project's batched routed net vs a per-sample-loop routed layer.
+
+One step = the RoutingModule's adaptation objective (entropy + consistency between the plain
+and an augmented view + shape term: two forwards), backward into the routers and the
+normalization affine parameters, and one Adam step. Experts are the paper UNet's weights plus
+small perturbations (E = K personalized + 1 global). The baseline swaps every routed layer's
+forward for a loop over the samples of the batch (one router call, one kernel mix and one
+convolution per sample), as the IOP-FL reference does; everything else is identical.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import MemoryMeter, Stopwatch, autocast, summary
+from torch import Tensor
+
+from iopfl_lightning.federated import write_routing_space
+from iopfl_lightning.modules.routing import RoutingModule
+from iopfl_lightning.nets import build_net, net_spec
+from iopfl_lightning.nets.routed import routed_layers
+from iopfl_lightning.nets.routed_layers import RoutedConv2d, RoutedConvTranspose2d, RoutedLinear
+
+
+def _loop_forward(self, x: Tensor, output_size=None) -> Tensor:
+    """Per-sample routed layer (the reference's way): router, mix and conv for each sample."""
+    outs = []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1]
+        w = self.router(self._pool(xi))[0].to(self.expert_weight.dtype)  # [E]
+        kernel = (w @ self.expert_weight).view(self.weight_shape)
+        bias = None if self.expert_bias is None else w @ self.expert_bias
+        if isinstance(self, RoutedConvTranspose2d):
+            pad = self._output_padding(xi, output_size)
+            outs.append(F.conv_transpose2d(xi, kernel, bias, self.stride, self.padding, pad,
+                                           self.groups, self.dilation))
+        elif isinstance(self, RoutedConv2d):
+            outs.append(self._conv(xi, kernel, bias, self.groups))
+        elif isinstance(self, RoutedLinear):
+            outs.append(F.linear(xi, kernel, bias))
+        else:
+            raise TypeError(type(self).__name__)
+    return torch.cat(outs)
+
+
+def make_loop(module: RoutingModule) -> RoutingModule:
+    for _, layer in routed_layers(module.net):
+        layer.forward = types.MethodType(_loop_forward, layer)
+    return module
+
+
+def build_module(root: Path, features: int, experts: int, seed: int = 0) -> RoutingModule:
+    """A RoutingModule over ``experts`` perturbed copies of a paper UNet (no baselines)."""
+    torch.manual_seed(seed)
+    spec = net_spec("unet", in_channels=3, num_classes=2, features=features)
+    net = build_net(**spec)
+    base = net.state_dict()
+    sites = [f"site{i}" for i in range(experts - 1)]
+    personalized = {
+        s: {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+            for k, v in base.items()} for s in sites}
+    path = write_routing_space(root / f"space_e{experts}.pt", net_spec=spec, sites=sites,
+                               global_state=base, personalized=personalized)
+    return RoutingModule(str(path), baselines=[])
+
+
+def _step(module, opt, x, device, precision) -> None:
+    opt.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        loss, _ = module.routed_objective(x)
+    loss.backward()
+    opt.step()
+
+
+def time_steps(module, x, device, precision, steps: int, warmup: int = 1) -> dict:
+    module.train()
+    opt = torch.optim.Adam([p for p in module.net.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(warmup):
+        _step(module, opt, x, device, precision)
+    walls, cpus = [], []
+    with MemoryMeter(device) as mem:
+        for _ in range(steps):
+            with Stopwatch(device) as sw:
+                _step(module, opt, x, device, precision)
+            walls.append(sw.wall)
+            cpus.append(sw.cpu)
+    b = x.shape[0]
+    return {"step_s": summary(walls), "step_cpu_s": summary(cpus),
+            "images_per_s": b / min(walls), "images_per_s_median": b / summary(walls)["median"],
+            "peak_mb": mem.peak_mb, "peak_delta_mb": mem.delta_mb}
+
+
+@torch.no_grad()
+def max_difference(batched: RoutingModule, loop: RoutingModule, x: Tensor) -> float:
+    """Largest |batched - loop| of the routed net's logits on ``x`` (fp32, same weights)."""
+    loop.net.load_state_dict(batched.net.state_dict())
+    batched.eval()
+    loop.eval()
+    return (batched.net(x) - loop.net(x)).abs().max().item()
+
+
+def routed_bench(features: int, size: int, batch: int, experts: int, device: torch.device,
+                 precision: str, channels_last: bool, steps: int, loop_steps: int) -> dict:
+    """Batched step at ``precision`` (+ channels_last), and the per-sample loop in fp32 (the
+    reference's setting), on the same images."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    with tempfile.TemporaryDirectory() as tmp:
+        batched = build_module(Path(tmp), features, experts).to(device)
+        loop = make_loop(build_module(Path(tmp), features, experts)).to(device)
+    torch.manual_seed(1)
+    x = torch.randn(batch, 3, size, size, device=device)
+    check = max_difference(batched, loop, x[: min(batch, 2)])
+    batched.net.to(memory_format=memory_format)
+    out = {"batched": time_steps(batched, x.contiguous(memory_format=memory_format), device,
+                                 precision, steps),
+           "loop_fp32": time_steps(loop, x, device, "32-true", loop_steps)}
+    if precision != "32-true":
+        out["batched_fp32"] = time_steps(batched, x.contiguous(memory_format=memory_format),
+                                         device, "32-true", steps)
+    out["speedup"] = out["batched"]["images_per_s"] / out["loop_fp32"]["images_per_s"]
+    out["loop_vs_batched_max_abs_diff"] = check
+    return out

@@ -1,0 +1,228 @@
+"""Benchmarks of iopfl_lightning against straightforward baselines written here.
+
+Measures in one run:
+  (a) federated round throughput (images/s; client switches, aggregation, EMA and per-round
+      evaluation included): Lightning engine (FederatedTrainer) vs a plain PyTorch loop;
+  (b) the routed test-time step (images/s): batched routed net vs a per-sample loop;
+  (c) client switch and aggregation cost (ms), timed on the callback's own methods;
+  (d) peak memory (CUDA max_memory_allocated on a GPU, sampled peak RSS on the CPU).
+Prints a table with ratios and writes JSON (``--out``). ``--sweep`` adds round time and
+memory vs clients / image size, and routed step time vs number of experts.
+
+Examples:
+  python benchmarks/run.py --out bench.json                      # CPU default, ~1 min
+  python benchmarks/run.py --preset paper --device cuda --out gpu.json
+  python benchmarks/run.py --preset tiny --out t.json            # seconds (used by the tests)
+  python benchmarks/run.py --sweep --out sweep.json              # CPU scaling sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from federated_bench import FedConfig, lightning_rounds, plain_rounds
+from routing_bench import routed_bench
+
+PRESETS = {
+    # name: federated settings, routed settings
+    "tiny": dict(clients=2, size=32, batch=4, features=4, rounds=2, train_cases=1, val_cases=1,
+                 slices=4, experts=3, routed_size=32, routed_batch=4, steps=2, loop_steps=1),
+    "cpu": dict(clients=3, size=64, batch=8, features=16, rounds=3, train_cases=2, val_cases=1,
+                slices=8, experts=4, routed_size=64, routed_batch=8, steps=3, loop_steps=2),
+    # paper: UNet features 32, 384x384, batch 16, 5 clients; routed step with 6 experts
+    "paper": dict(clients=5, size=384, batch=16, features=32, rounds=3, train_cases=2,
+                  val_cases=1, slices=32, experts=6, routed_size=384, routed_batch=16, steps=10,
+                  loop_steps=3),
+}
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    for name in ("clients", "size", "batch", "features", "rounds", "train_cases", "val_cases",
+                 "slices", "experts", "routed_size", "routed_batch", "steps", "loop_steps"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (both engines)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--precision", default=None, choices=["32-true", "bf16-mixed"],
+                   help="default: bf16-mixed on CUDA, 32-true on CPU")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on for CUDA, off for CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the net (both engines)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 on CPU: steadier on a shared machine)")
+    p.add_argument("--only", choices=["federated", "routed"], default=None)
+    p.add_argument("--sweep", action="store_true", help="scaling sweep (clients, size, experts)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device.startswith("cuda")
+    args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    return args
+
+
+def fed_config(args, **overrides) -> FedConfig:
+    fields = {f.name for f in dataclasses.fields(FedConfig)}
+    kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    kwargs.update(overrides)
+    return FedConfig(**kwargs)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def run_federated(args, device) -> dict:
+    cfg = fed_config(args)
+    engine = lightning_rounds(cfg, device)
+    plain = plain_rounds(cfg, device)
+    return {
+        "config": dataclasses.asdict(cfg),
+        "lightning": engine,
+        "plain": plain,
+        "engine_over_plain_time_pct": 100.0 * (plain["images_per_s"] / engine["images_per_s"] - 1),
+        "engine_over_plain_time_pct_median":
+            100.0 * (plain["images_per_s_median"] / engine["images_per_s_median"] - 1),
+    }
+
+
+def run_routed(args, device) -> dict:
+    out = routed_bench(args.features, args.routed_size, args.routed_batch, args.experts, device,
+                       args.precision, args.channels_last, args.steps, args.loop_steps)
+    out["config"] = {"features": args.features, "size": args.routed_size,
+                     "batch": args.routed_batch, "experts": args.experts,
+                     "precision": args.precision, "channels_last": args.channels_last}
+    return out
+
+
+def run_sweep(args, device) -> dict:
+    """Round time / memory vs clients and image size; routed step vs experts."""
+    rows: dict[str, list] = {"clients": [], "size": [], "experts": []}
+    for clients in (2, 3, 4, 5, 6):
+        r = lightning_rounds(fed_config(args, clients=clients), device)
+        rows["clients"].append({"clients": clients, "round_s": r["round_s"]["min"],
+                                "images_per_round": r["images_per_round"],
+                                "peak_mb": r["peak_mb"], "peak_delta_mb": r["peak_delta_mb"],
+                                "switch_agg_pct_of_round": r["switch_agg_pct_of_round"]})
+    for size in (32, 64, 96, 128):
+        r = lightning_rounds(fed_config(args, size=size), device)
+        rows["size"].append({"size": size, "round_s": r["round_s"]["min"],
+                             "images_per_round": r["images_per_round"],
+                             "peak_mb": r["peak_mb"], "peak_delta_mb": r["peak_delta_mb"]})
+    for experts in (2, 4, 6, 8):
+        r = routed_bench(args.features, args.routed_size, args.routed_batch, experts, device,
+                         args.precision, args.channels_last, args.steps, 1)
+        rows["experts"].append({"experts": experts, "step_s": r["batched"]["step_s"]["min"],
+                                "peak_mb": r["batched"]["peak_mb"],
+                                "peak_delta_mb": r["batched"]["peak_delta_mb"],
+                                "loop_step_s": r["loop_fp32"]["step_s"]["min"]})
+    return rows
+
+
+def _fmt(x: float, nd: int = 1) -> str:
+    return "nan" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
+
+
+def table(results: dict) -> str:
+    lines = [f"device: {results['device']}  precision: {results['precision']}  "
+             f"channels_last: {results['channels_last']}  compile: {results['compile']}",
+             f"{'measure':44s} {'ours':>12s} {'baseline':>12s} {'ratio':>8s}"]
+
+    def row(name, ours, base, nd=1, ratio=True):
+        r = _fmt(ours / base, 2) + "x" if ratio and base else ""
+        lines.append(f"{name:44s} {_fmt(ours, nd):>12s} {_fmt(base, nd):>12s} {r:>8s}")
+
+    fed = results.get("federated")
+    if fed:
+        e, p = fed["lightning"], fed["plain"]
+        row("round throughput, img/s (best round)", e["images_per_s"], p["images_per_s"])
+        row("round throughput, img/s (median round)", e["images_per_s_median"],
+            p["images_per_s_median"])
+        row("round time, s (median)", e["round_s"]["median"], p["round_s"]["median"], 3)
+        row("round CPU time, s (median, process_time)", e["round_cpu_s"]["median"],
+            p["round_cpu_s"]["median"], 3)
+        row("client switch, ms (median)", e["client_switch_ms"]["median"],
+            p["client_switch_ms"]["median"], 2)
+        row("aggregation, ms (median)", e["aggregation_ms"]["median"],
+            p["aggregation_ms"]["median"], 2)
+        row("switches + aggregation, % of round", e["switch_agg_pct_of_round"],
+            p["switch_agg_pct_of_round"], 2, ratio=False)
+        row("peak memory, MB", e["peak_mb"], p["peak_mb"], 0)
+        lines.append(f"engine time over plain loop: {_fmt(fed['engine_over_plain_time_pct'])}% "
+                     f"(best rounds), {_fmt(fed['engine_over_plain_time_pct_median'])}% (median)")
+    rt = results.get("routed")
+    if rt:
+        b, lp = rt["batched"], rt["loop_fp32"]
+        row(f"routed step, img/s (E={rt['config']['experts']}; loop fp32)", b["images_per_s"],
+            lp["images_per_s"])
+        if "batched_fp32" in rt:
+            row("routed step fp32 batched vs loop, img/s", rt["batched_fp32"]["images_per_s"],
+                lp["images_per_s"])
+        row("routed step, s (min)", b["step_s"]["min"], lp["step_s"]["min"], 3)
+        row("routed step peak memory, MB", b["peak_mb"], lp["peak_mb"], 0)
+        lines.append(f"routed batched vs loop max |diff| (fp32 logits): "
+                     f"{rt['loop_vs_batched_max_abs_diff']:.2e}")
+    sweep = results.get("sweep")
+    if sweep:
+        lines.append("sweep (Lightning engine; round = best measured round):")
+        for axis, key in (("clients", "round_s"), ("size", "round_s"), ("experts", "step_s")):
+            for r in sweep[axis]:
+                lines.append(f"  {axis}={r[axis]:<4d} {key}={r[key]:.3f}  peak_mb={r['peak_mb']:.0f}"
+                             f"  delta_mb={r['peak_delta_mb']:.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "preset": args.preset,
+    }
+    start = time.perf_counter()
+    if args.only in (None, "federated"):
+        results["federated"] = run_federated(args, device)
+    if args.only in (None, "routed"):
+        results["routed"] = run_routed(args, device)
+    if args.sweep:
+        results["sweep"] = run_sweep(args, device)
+    results["total_s"] = time.perf_counter() - start
+    print(table(results), flush=True)
+    print(f"total {results['total_s']:.1f} s", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
