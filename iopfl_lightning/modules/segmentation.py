@@ -31,6 +31,9 @@ class SegmentationModule(pl.LightningModule):
     lr, amsgrad, weight_decay: Adam settings (reference: 1e-3, amsgrad).
     channels_last: train and evaluate in channels_last memory format (faster on GPUs).
     val_hd95: compute HD95 during per-round validation too (test always does).
+    compile: run the training forward through ``torch.compile`` (evaluation, which swaps in
+        the personalized copies with ``functional_call``, stays eager). State dict keys and
+        parameters are the net's own, so checkpoints and the FederatedTrainer are unaffected.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class SegmentationModule(pl.LightningModule):
         weight_decay: float = 0.0,
         channels_last: bool = False,
         val_hd95: bool = True,
+        compile: bool = False,
     ):
         super().__init__()
         if lr <= 0:
@@ -75,6 +79,8 @@ class SegmentationModule(pl.LightningModule):
         self.net = build_from_spec(spec, load_pretrained=hp.encoder_weights is not None)
         if hp.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        # Kept out of the module tree (no extra state dict keys): same parameters as self.net.
+        self.__dict__["_compiled_net"] = torch.compile(self.net) if hp.get("compile") else None
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
@@ -112,7 +118,8 @@ class SegmentationModule(pl.LightningModule):
         return functional_call(self.net, state, (image,), strict=True)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        compiled = self.__dict__.get("_compiled_net")
+        logits = self(batch["image"]) if compiled is None else compiled(self._prepare(batch["image"]))
         loss = self.loss_fn(logits, batch["mask"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
