@@ -47,6 +47,7 @@ class FedConfig:
     precision: str = "32-true"
     channels_last: bool = False
     compile: bool = False
+    pin_memory: bool = False
     seed: int = 0
 
 
@@ -59,6 +60,7 @@ def make_datamodule(cfg: FedConfig) -> MultiSiteDataModule:
         sites=sites[: cfg.clients],
         batch_size=cfg.batch,
         num_workers=cfg.workers,
+        pin_memory=cfg.pin_memory,
         synthetic={"size": cfg.size, "slices": cfg.slices,
                    "cases_per_split": {"train": cfg.train_cases, "val": cfg.val_cases, "test": 1}},
         seed=cfg.seed,
@@ -105,10 +107,11 @@ def _round_stats(rounds: list[dict]) -> dict:
     }
 
 
-def lightning_rounds(cfg: FedConfig, device: torch.device) -> dict:
+def lightning_rounds(cfg: FedConfig, device: torch.device,
+                     dm: MultiSiteDataModule | None = None) -> dict:
     """Rounds through ``Trainer.fit`` with the FederatedTrainer callback."""
     pl.seed_everything(cfg.seed, verbose=False)
-    dm = make_datamodule(cfg)
+    dm = dm or make_datamodule(cfg)
     module = SegmentationModule(net="unet", features=cfg.features, lr=LR, val_hd95=False,
                                 channels_last=cfg.channels_last,
                                 **({"compile": True} if cfg.compile else {}))
@@ -155,15 +158,18 @@ def _dice(logits: torch.Tensor, mask: torch.Tensor) -> float:
     return 1.0 if denom == 0 else 2.0 * inter / denom
 
 
-def plain_rounds(cfg: FedConfig, device: torch.device) -> dict:
+def plain_rounds(cfg: FedConfig, device: torch.device,
+                 dm: MultiSiteDataModule | None = None) -> dict:
     """The same rounds as a plain PyTorch loop (deepcopy / state_dict based)."""
     torch.manual_seed(cfg.seed)
-    dm = make_datamodule(cfg)
+    dm = dm or make_datamodule(cfg)
     sites = dm.inside_sites
     gen = torch.Generator().manual_seed(cfg.seed)
+    workers = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0,
+               "pin_memory": cfg.pin_memory}
     train = [DataLoader(dm.dataset(s, "train"), batch_size=cfg.batch, shuffle=True,
-                        generator=gen, num_workers=cfg.workers) for s in sites]
-    val = [DataLoader(dm.dataset(s, "val"), batch_size=cfg.batch) for s in sites]
+                        generator=gen, **workers) for s in sites]
+    val = [DataLoader(dm.dataset(s, "val"), batch_size=cfg.batch, **workers) for s in sites]
     counts = [len(loader.dataset) for loader in train]
     model = build_net("unet", in_channels=dm.in_channels, num_classes=dm.num_classes,
                       features=cfg.features).to(device)

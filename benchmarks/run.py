@@ -30,17 +30,17 @@ import warnings
 from pathlib import Path
 
 import torch
-from federated_bench import FedConfig, lightning_rounds, plain_rounds
+from federated_bench import FedConfig, lightning_rounds, make_datamodule, plain_rounds
 from routing_bench import routed_bench
 
 PRESETS = {
     # name: federated settings, routed settings
     "tiny": dict(clients=2, size=32, batch=4, features=4, rounds=2, train_cases=1, val_cases=1,
                  slices=4, experts=3, routed_size=32, routed_batch=4, steps=2, loop_steps=1),
-    "cpu": dict(clients=3, size=64, batch=8, features=16, rounds=3, train_cases=2, val_cases=1,
+    "cpu": dict(clients=3, size=64, batch=8, features=16, rounds=4, train_cases=2, val_cases=1,
                 slices=8, experts=4, routed_size=64, routed_batch=8, steps=3, loop_steps=2),
     # paper: UNet features 32, 384x384, batch 16, 5 clients; routed step with 6 experts
-    "paper": dict(clients=5, size=384, batch=16, features=32, rounds=3, train_cases=2,
+    "paper": dict(clients=5, size=384, batch=16, features=32, rounds=4, train_cases=2,
                   val_cases=1, slices=32, experts=6, routed_size=384, routed_batch=16, steps=10,
                   loop_steps=3),
 }
@@ -79,6 +79,7 @@ def parse(argv=None) -> argparse.Namespace:
 def fed_config(args, **overrides) -> FedConfig:
     fields = {f.name for f in dataclasses.fields(FedConfig)}
     kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    kwargs["pin_memory"] = args.device.startswith("cuda")
     kwargs.update(overrides)
     return FedConfig(**kwargs)
 
@@ -91,10 +92,14 @@ def device_name(device: torch.device) -> str:
 
 def run_federated(args, device) -> dict:
     cfg = fed_config(args)
-    engine = lightning_rounds(cfg, device)
-    plain = plain_rounds(cfg, device)
+    start = time.perf_counter()
+    dm = make_datamodule(cfg)  # generated once, used by both engines
+    data_s = time.perf_counter() - start
+    engine = lightning_rounds(cfg, device, dm)
+    plain = plain_rounds(cfg, device, dm)
     return {
         "config": dataclasses.asdict(cfg),
+        "data_generation_s": data_s,
         "lightning": engine,
         "plain": plain,
         "engine_over_plain_time_pct": 100.0 * (plain["images_per_s"] / engine["images_per_s"] - 1),
