@@ -61,6 +61,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the net (both engines)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on CPU: steadier on a shared machine)")
+    p.add_argument("--fp32-engine", action="store_true",
+                   help="also run the Lightning engine in fp32 without channels_last (same data)")
     p.add_argument("--only", choices=["federated", "routed"], default=None)
     p.add_argument("--sweep", action="store_true", help="scaling sweep (clients, size, experts)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
@@ -97,7 +99,12 @@ def run_federated(args, device) -> dict:
     data_s = time.perf_counter() - start
     engine = lightning_rounds(cfg, device, dm)
     plain = plain_rounds(cfg, device, dm)
+    extra = {}
+    if args.fp32_engine:
+        fp32 = dataclasses.replace(cfg, precision="32-true", channels_last=False, compile=False)
+        extra["lightning_fp32"] = lightning_rounds(fp32, device, dm)
     return {
+        **extra,
         "config": dataclasses.asdict(cfg),
         "data_generation_s": data_s,
         "lightning": engine,
@@ -170,6 +177,9 @@ def table(results: dict) -> str:
         row("switches + aggregation, % of round", e["switch_agg_pct_of_round"],
             p["switch_agg_pct_of_round"], 2, ratio=False)
         row("peak memory, MB", e["peak_mb"], p["peak_mb"], 0)
+        if "lightning_fp32" in fed:
+            row("round img/s: ours vs ours fp32 (no ch.-last)", e["images_per_s"],
+                fed["lightning_fp32"]["images_per_s"])
         lines.append(f"engine time over plain loop: {_fmt(fed['engine_over_plain_time_pct'])}% "
                      f"(best rounds), {_fmt(fed['engine_over_plain_time_pct_median'])}% (median)")
     rt = results.get("routed")

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU check: on a bare GPU machine (torch, lightning, torchmetrics installed, NO network).
+#
+# 1. installs the other dependencies from the wheels in .whl/ (segmentation-models-pytorch,
+#    albumentations and their missing deps; see docs/performance.md for how to fetch them);
+# 2. runs the benchmark at the paper's setting (UNet features 32, 384x384, batch 16, 5 clients;
+#    routed step batch 16, 384x384, 6 experts) in bf16-mixed + channels_last, plus the engine
+#    in fp32 for reference;
+# 3. runs the GPU-relevant tests (benchmark on CUDA, federated callback, routed layers);
+# 4. if time is left (< 240 s so far), the federated rounds again with torch.compile.
+# Writes logs and JSON into $OUT (or the first argument). Run from the repository root:
+#   bash benchmarks/gpu_check.sh /tmp/gpu_check
+set -uo pipefail
+OUT=${1:-${OUT:-/tmp/gpu_check}}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/iopfl_site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/iopfl_site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch, lightning, segmentation_models_pytorch, albumentations, iopfl_lightning; \
+print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" \
+  | tee -a "$OUT/gpu.txt" || exit 1
+status=0
+$PY benchmarks/run.py --preset paper --device cuda --workers 4 --fp32-engine \
+  --out "$OUT/paper.json" 2>&1 | tee "$OUT/paper.log" || status=1
+echo "elapsed ${SECONDS}s"
+$PY -m pytest -q -x -p no:cacheprovider tests/test_benchmarks.py tests/federated \
+  tests/nets/test_routed.py 2>&1 | tail -15 | tee "$OUT/tests.log" || status=1
+echo "elapsed ${SECONDS}s"
+if [ "$SECONDS" -lt 240 ]; then
+  $PY benchmarks/run.py --preset paper --device cuda --workers 4 --only federated --compile \
+    --rounds 4 --out "$OUT/paper_compile.json" 2>&1 | tee "$OUT/paper_compile.log" || status=1
+else
+  echo "skipped the torch.compile run (${SECONDS}s elapsed)"
+fi
+echo "elapsed ${SECONDS}s, status $status"
+exit $status

@@ -1,0 +1,76 @@
+"""The benchmark runs at a tiny size and its JSON holds every figure, positive and finite."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+POSITIVE = [
+    ("federated", "lightning", "images_per_s"),
+    ("federated", "lightning", "images_per_s_median"),
+    ("federated", "lightning", "round_s", "median"),
+    ("federated", "lightning", "client_switch_ms", "median"),
+    ("federated", "lightning", "aggregation_ms", "median"),
+    ("federated", "lightning", "switch_agg_pct_of_round"),
+    ("federated", "lightning", "peak_mb"),
+    ("federated", "plain", "images_per_s"),
+    ("federated", "plain", "round_s", "median"),
+    ("federated", "plain", "client_switch_ms", "median"),
+    ("federated", "plain", "aggregation_ms", "median"),
+    ("federated", "plain", "peak_mb"),
+    ("routed", "batched", "images_per_s"),
+    ("routed", "batched", "step_s", "min"),
+    ("routed", "batched", "peak_mb"),
+    ("routed", "loop_fp32", "images_per_s"),
+    ("routed", "loop_fp32", "peak_mb"),
+    ("routed", "speedup"),
+]
+FINITE = [("federated", "engine_over_plain_time_pct"), ("total_s",)]
+
+
+def _get(data, path):
+    for key in path:
+        data = data[key]
+    return data
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--preset", "tiny",
+           "--out", str(out), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "round throughput" in proc.stdout and "routed step" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def _check(data):
+    for path in POSITIVE:
+        value = _get(data, path)
+        assert isinstance(value, float | int) and math.isfinite(value) and value > 0, (path, value)
+    for path in FINITE:
+        assert math.isfinite(_get(data, path)), path
+    assert _get(data, ("routed", "loop_vs_batched_max_abs_diff")) < 1e-3
+    assert data["device"] and data["date"] and data["command"].startswith("python benchmarks/")
+
+
+def test_benchmark_tiny_cpu_json_is_complete(tmp_path):
+    data = _run(tmp_path, "--device", "cpu")
+    _check(data)
+    assert data["precision"] == "32-true"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_benchmark_tiny_gpu_bf16_channels_last(tmp_path):
+    data = _run(tmp_path, "--device", "cuda", "--precision", "bf16-mixed", "--channels-last",
+                "--fp32-engine")
+    _check(data)
+    assert "bf16" not in data["device"] and data["channels_last"] is True
+    assert data["federated"]["lightning_fp32"]["images_per_s"] > 0
+    assert data["routed"]["batched_fp32"]["images_per_s"] > 0
