@@ -30,7 +30,7 @@ status=0
 $PY benchmarks/run.py --preset paper --device cuda --workers 4 --fp32-engine \
   --out "$OUT/paper.json" 2>&1 | tee "$OUT/paper.log" || status=1
 echo "elapsed ${SECONDS}s"
-$PY -m pytest -q -x -p no:cacheprovider tests/test_benchmarks.py tests/federated \
+$PY -m pytest -q -p no:cacheprovider tests/test_benchmarks.py tests/federated \
   tests/nets/test_routed.py 2>&1 | tail -15 | tee "$OUT/tests.log" || status=1
 echo "elapsed ${SECONDS}s"
 if [ "$SECONDS" -lt 240 ]; then
