@@ -13,12 +13,22 @@ model.
 Everything federated (round, global weights, personalized copies, per-client optimizer and
 normalization states, server optimizer state) is in ``state_dict``, so ``fit --ckpt_path``
 resumes exactly. All tensors stay on the module's device during training.
+
+Numerical faults: before a client's weights enter the aggregate they are checked for NaN/inf
+(one fused reduction, one host sync per client and round). A non-finite client is left out of
+the round's aggregate and its personalized copy is not updated (``on_nonfinite="skip"``, logged
+as a warning and recorded in ``nonfinite``), or the run stops (``"raise"``).
+
+Run folders: a fresh run gets a ``run_id`` (kept in the checkpoint, so a resumed run keeps it).
+``fit`` refuses to start when the routing space it would write already exists and belongs to
+another run, instead of overwriting it at the end.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import uuid
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -28,8 +38,8 @@ from lightning.pytorch.callbacks import Callback
 from iopfl_lightning.federated.aggregate import ServerOptimizer, ServerOptName, UpdateAccumulator
 from iopfl_lightning.federated.participation import select_clients
 from iopfl_lightning.federated.personalize import check_alpha, ema_update
-from iopfl_lightning.federated.routing_space import write_routing_space
-from iopfl_lightning.federated.state import StateDict, clone_state, norm_keys, subset
+from iopfl_lightning.federated.routing_space import check_run_owns, write_routing_space
+from iopfl_lightning.federated.state import StateDict, all_finite, clone_state, norm_keys, subset
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +62,15 @@ class FederatedTrainer(Callback):
             ``local`` keeps each client's own normalization parameters and statistics (FedBN);
             the global model then carries their sample-weighted average.
         routing_space: file name written into the run folder at the end of ``fit``.
+        on_nonfinite: a client whose weights turn NaN/inf after local training is ``skip``-ped
+            (left out of the round's aggregate and of its personalized copy, with a warning) or
+            the run stops with a ``FloatingPointError`` (``raise``).
     """
+
+    _STATE_KEYS = (
+        "round", "sites", "global_state", "personalized", "local_norms",
+        "client_optimizer_states", "server_optimizer",
+    )
 
     def __init__(
         self,
@@ -66,6 +84,7 @@ class FederatedTrainer(Callback):
         norm_policy: Literal["average", "local"] = "average",
         seed: int = 0,
         routing_space: str = "routing_space.pt",
+        on_nonfinite: Literal["skip", "raise"] = "skip",
     ):
         super().__init__()
         self.alpha = check_alpha(alpha)
@@ -76,6 +95,7 @@ class FederatedTrainer(Callback):
             ("optimizer_state", optimizer_state, ("reset", "keep")),
             ("norm_policy", norm_policy, ("average", "local")),
             ("server_optimizer", server_optimizer, ("fedavg", "fedavgm", "fedadam")),
+            ("on_nonfinite", on_nonfinite, ("skip", "raise")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -88,6 +108,7 @@ class FederatedTrainer(Callback):
         self.norm_policy = norm_policy
         self.seed = seed
         self.routing_space_name = routing_space
+        self.on_nonfinite = on_nonfinite
 
         self.round = 0
         self.sites: list[str] = []
@@ -100,6 +121,8 @@ class FederatedTrainer(Callback):
         self._server_state: dict | None = None
         self._accumulator: UpdateAccumulator | None = None
         self._client: int | None = None
+        self.run_id: str | None = None
+        self.nonfinite: list[tuple[int, str]] = []  # (round, site) of every skipped client
 
     # ---------------------------------------------------------------- setup
     def participants(self, round_idx: int) -> list[int]:
@@ -128,6 +151,9 @@ class FederatedTrainer(Callback):
                 trainer.reload_dataloaders_every_n_epochs = 1
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.run_id = self.run_id or uuid.uuid4().hex
+        if trainer.is_global_zero:  # refuse now, not after training, to clobber another run
+            check_run_owns(self._routing_space_path(trainer), self.run_id)
         net = self._net(pl_module)
         device = pl_module.device
         if self.global_state is None:
@@ -180,13 +206,14 @@ class FederatedTrainer(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.global_state is not None:
             path = write_routing_space(
-                f"{trainer.log_dir}/{self.routing_space_name}",
+                self._routing_space_path(trainer),
                 net_spec=getattr(pl_module, "net_spec", None),
                 sites=self.sites,
                 global_state=self.global_state,
                 personalized={self.sites[k]: s for k, s in self.personalized.items()},
                 sample_counts=dict(zip(self.sites, self.sample_counts, strict=True)),
                 rounds=self.round,
+                run_id=self.run_id,
             )
             log.info("wrote %s", path)
 
@@ -209,6 +236,10 @@ class FederatedTrainer(Callback):
     def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         client = self._client
         local = self._net(pl_module).state_dict()
+        self._client = None
+        if not all_finite(local):
+            self._nonfinite_client(client)
+            return
         self._accumulator.add(local, float(self.sample_counts[client]))
         self.personalized[client] = ema_update(self.personalized.get(client), local, self.alpha)
         if self.norm_policy == "local":
@@ -217,7 +248,21 @@ class FederatedTrainer(Callback):
             self.client_optimizer_states[client] = {
                 i: copy.deepcopy(opt.state_dict()) for i, opt in enumerate(trainer.optimizers)
             }
-        self._client = None
+
+    def _nonfinite_client(self, client: int) -> None:
+        """Leaves a client with NaN/inf weights out of the round (or stops the run)."""
+        site = self.sites[client]
+        message = (
+            f"round {self.round}: client {client} ({site!r}) has NaN/inf weights after local "
+            "training"
+        )
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(f"{message} (on_nonfinite='raise')")
+        log.warning(
+            "%s; left out of the aggregate, its personalized copy is unchanged", message
+        )
+        self.nonfinite.append((self.round, site))
+        self.client_optimizer_states.pop(client, None)  # its moments may be NaN too
 
     def _finish_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._accumulator is None:
@@ -236,6 +281,9 @@ class FederatedTrainer(Callback):
         self._publish(pl_module)
 
     # ---------------------------------------------------------------- helpers
+    def _routing_space_path(self, trainer: pl.Trainer) -> str:
+        return f"{trainer.log_dir}/{self.routing_space_name}"
+
     def _publish(self, pl_module: pl.LightningModule) -> None:
         """Hands the personalized copies (by site name) to the module for evaluation."""
         pl_module.personalized_states = {self.sites[k]: s for k, s in self.personalized.items()}
@@ -264,9 +312,17 @@ class FederatedTrainer(Callback):
             "local_norms": {k: _to(s, cpu) for k, s in self.local_norms.items()},
             "client_optimizer_states": self.client_optimizer_states,
             "server_optimizer": None if self.server is None else self.server.state_dict(),
+            "run_id": self.run_id,
+            "nonfinite": list(self.nonfinite),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        missing = [k for k in self._STATE_KEYS if k not in state_dict]
+        if missing:
+            raise ValueError(
+                f"FederatedTrainer: checkpoint state lacks keys {missing} (written by another "
+                "version of iopfl_lightning, or not a federated checkpoint)"
+            )
         self.round = int(state_dict["round"])
         self.sites = list(state_dict["sites"])
         self.global_state = state_dict["global_state"]
@@ -276,6 +332,8 @@ class FederatedTrainer(Callback):
             int(k): v for k, v in state_dict["client_optimizer_states"].items()
         }
         self._server_state = state_dict["server_optimizer"]
+        self.run_id = state_dict.get("run_id")
+        self.nonfinite = [(int(r), str(s)) for r, s in state_dict.get("nonfinite", [])]
 
 
 def _client_of(batch: Any) -> int:

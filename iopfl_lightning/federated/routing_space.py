@@ -2,7 +2,8 @@
 
 Contents (a plain dict, loadable with ``weights_only=True``): ``format_version``, ``net_spec``
 (how to rebuild the net), ``sites`` (inside sites, in client order), ``global`` (state dict),
-``personalized`` (site -> state dict), ``sample_counts`` (site -> training slices) and ``rounds``.
+``personalized`` (site -> state dict), ``sample_counts`` (site -> training slices), ``rounds``
+and ``run_id`` (the run that wrote it; :func:`check_run_owns` keeps another run from clobbering it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def write_routing_space(
     personalized: Mapping[str, Mapping[str, torch.Tensor]],
     sample_counts: Mapping[str, int] | None = None,
     rounds: int = 0,
+    run_id: str | None = None,
 ) -> Path:
     cpu = {k: v.detach().cpu() for k, v in global_state.items()}
     payload = {
@@ -40,8 +42,28 @@ def write_routing_space(
         "personalized": {s: {k: v.detach().cpu() for k, v in st.items()} for s, st in personalized.items()},
         "sample_counts": dict(sample_counts or {}),
         "rounds": int(rounds),
+        "run_id": run_id,
     }
     return atomic_torch_save(payload, path)
+
+
+def check_run_owns(path: str | os.PathLike, run_id: str) -> None:
+    """Raise ``FileExistsError`` if ``path`` exists and was written by a run other than ``run_id``.
+
+    A file that cannot be read as a routing space, or carries no ``run_id``, is never ours.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        owner = safe_torch_load(path).get("run_id")
+    except (ValueError, AttributeError):
+        owner = None
+    if owner != run_id:
+        raise FileExistsError(
+            f"{path} already exists and belongs to another run (run_id {owner!r}); "
+            "refusing to overwrite it: use another folder or logger version, or move it away"
+        )
 
 
 def read_routing_space(path: str | os.PathLike) -> dict[str, Any]:

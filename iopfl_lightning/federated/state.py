@@ -52,3 +52,20 @@ def check_same_keys(reference: Mapping[str, Tensor], other: Mapping[str, Tensor]
 def subset(state: Mapping[str, Tensor], keys: Iterable[str]) -> StateDict:
     keys = set(keys)
     return {k: v for k, v in state.items() if k in keys}
+
+
+def all_finite(state: Mapping[str, Tensor]) -> bool:
+    """True when no floating-point entry holds NaN or inf.
+
+    One fused max-abs reduction per dtype group (``torch._foreach_norm`` with ``ord=inf``, which
+    cannot overflow and propagates NaN), then a single host sync for the whole state instead of
+    one ``.item()`` per tensor.
+    """
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for v in state.values():
+        if is_float(v) and v.numel():
+            groups.setdefault((v.dtype, v.device), []).append(v.detach())
+    flags = [
+        torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in groups.values()
+    ]
+    return bool(torch.stack([f.cpu() for f in flags]).all()) if flags else True
