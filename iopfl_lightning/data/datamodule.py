@@ -176,6 +176,7 @@ class MultiSiteDataModule(LightningDataModule):
         self.pairing, self.mask_inverted, self.val_fraction = pairing, mask_inverted, val_fraction
         self.participants: Participants | None = None
         self.local_epochs = 1
+        self.pooled = False
         self.site_data: dict[str, SiteSplits] | None = None
 
     # ---- description -------------------------------------------------------------------------
@@ -236,12 +237,16 @@ class MultiSiteDataModule(LightningDataModule):
 
     # ---- rounds and loaders ------------------------------------------------------------------
 
-    def configure_rounds(self, participants: Participants | None, local_epochs: int = 1) -> None:
-        """Set who trains in each round (``participants(epoch)`` -> client indices; None = all)
-        and how many passes each makes; takes effect in the next ``train_dataloader()``."""
+    def configure_rounds(
+        self, participants: Participants | None, local_epochs: int = 1, pooled: bool = False
+    ) -> None:
+        """Set who trains in each round (``participants(epoch)`` -> client indices; None = all),
+        how many passes each makes, and whether the clients' data is pooled into one shuffled
+        stream (centralized training); takes effect in the next ``train_dataloader()``."""
         if local_epochs <= 0:
             raise ValueError(f"local_epochs must be positive, got {local_epochs}")
         self.participants, self.local_epochs = participants, local_epochs
+        self.pooled = pooled
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -256,6 +261,7 @@ class MultiSiteDataModule(LightningDataModule):
             participants=self.participants,
             local_epochs=self.local_epochs,
             epoch=self._current_epoch(),
+            pooled=self.pooled,
         )
 
     def train_dataloader(self) -> DataLoader:

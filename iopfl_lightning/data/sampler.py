@@ -46,6 +46,8 @@ class ClientBatchSampler(Sampler[list[int]]):
         local_epochs: passes over each participating client's data per round.
         shuffle: shuffle within a client (False = natural order, for debugging).
         epoch: the epoch the sampler starts at (Lightning updates it through ``set_epoch``).
+        pooled: centralized training: the participating clients' samples are pooled and
+            shuffled together, so batches mix sites (reported as client 0 in :meth:`plan`).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class ClientBatchSampler(Sampler[list[int]]):
         local_epochs: int = 1,
         shuffle: bool = True,
         epoch: int = 0,
+        pooled: bool = False,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -72,6 +75,7 @@ class ClientBatchSampler(Sampler[list[int]]):
         self.local_epochs = local_epochs
         self.shuffle = shuffle
         self.epoch = epoch
+        self.pooled = pooled
         self.sampler = _EpochHook(self)
 
     def set_epoch(self, epoch: int) -> None:
@@ -105,14 +109,28 @@ class ClientBatchSampler(Sampler[list[int]]):
     def plan(self, epoch: int | None = None) -> list[tuple[int, list[int]]]:
         """``(client, batch indices)`` for every batch of ``epoch``, in yield order."""
         epoch = self.epoch if epoch is None else epoch
+        if self.pooled:
+            return [(0, b) for p in range(self.local_epochs) for b in self._pooled_batches(epoch, p)]
         out = []
         for client in self.clients(epoch):
             for pass_ in range(self.local_epochs):
                 out += [(client, b) for b in self._client_batches(epoch, client, pass_)]
         return out
 
+    def _pooled_batches(self, epoch: int, pass_: int) -> list[list[int]]:
+        """One pass over every participating client's samples, shuffled together."""
+        order = np.concatenate(
+            [np.arange(self.offsets[c], self.offsets[c + 1]) for c in self.clients(epoch)]
+        ).astype(int)
+        if self.shuffle:
+            order = order[np.random.default_rng([self.seed, epoch, pass_]).permutation(len(order))]
+        return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+
     def client_batch_counts(self, epoch: int | None = None) -> dict[int, int]:
-        """Number of batches each participating client yields in ``epoch``."""
+        """Number of batches each participating client yields in ``epoch`` (pooled: client 0)."""
+        if self.pooled:
+            total = sum(self.client_sizes[c] for c in self.clients(epoch))
+            return {0: math.ceil(total / self.batch_size) * self.local_epochs}
         per_pass = {
             c: math.ceil(self.client_sizes[c] / self.batch_size) for c in self.clients(epoch)
         }

@@ -14,6 +14,10 @@ Everything federated (round, global weights, personalized copies, per-client opt
 normalization states, server optimizer state) is in ``state_dict``, so ``fit --ckpt_path``
 resumes exactly. All tensors stay on the module's device during training.
 
+Methods: what is shared, how the personalized copy is kept and what the local objective adds
+come from a policy (``method``, see :mod:`iopfl_lightning.federated.methods`); the default,
+``iopfl``, is FedAvg with the IOP-FL EMA copy. The policy's own state is in ``state_dict`` too.
+
 Numerical faults: before a client's weights enter the aggregate they are checked for NaN/inf
 (one fused reduction, one host sync per client and round). A non-finite client is left out of
 the round's aggregate and its personalized copy is not updated (``on_nonfinite="skip"``, logged
@@ -36,8 +40,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from iopfl_lightning.federated.aggregate import ServerOptimizer, ServerOptName, UpdateAccumulator
+from iopfl_lightning.federated.methods import FederatedMethod, build_method
 from iopfl_lightning.federated.participation import select_clients
-from iopfl_lightning.federated.personalize import check_alpha, ema_update
+from iopfl_lightning.federated.personalize import check_alpha
 from iopfl_lightning.federated.routing_space import check_run_owns, write_routing_space
 from iopfl_lightning.federated.state import StateDict, all_finite, clone_state, norm_keys, subset
 
@@ -62,6 +67,10 @@ class FederatedTrainer(Callback):
             ``local`` keeps each client's own normalization parameters and statistics (FedBN);
             the global model then carries their sample-weighted average.
         routing_space: file name written into the run folder at the end of ``fit``.
+        method: a registered method name (``iopfl``, ``fedavg``, ``fedprox``, ``fedbn``,
+            ``fedper``, ``ditto``, ``local``, ``centralized``) or a ``FederatedMethod``.
+        method_args: keyword arguments of a method given by name (``iopfl`` takes ``alpha``
+            from here or, by default, from ``alpha`` above).
         on_nonfinite: a client whose weights turn NaN/inf after local training is ``skip``-ped
             (left out of the round's aggregate and of its personalized copy, with a warning) or
             the run stops with a ``FloatingPointError`` (``raise``).
@@ -84,6 +93,8 @@ class FederatedTrainer(Callback):
         norm_policy: Literal["average", "local"] = "average",
         seed: int = 0,
         routing_space: str = "routing_space.pt",
+        method: str | FederatedMethod = "iopfl",
+        method_args: dict[str, Any] | None = None,
         on_nonfinite: Literal["skip", "raise"] = "skip",
     ):
         super().__init__()
@@ -108,6 +119,9 @@ class FederatedTrainer(Callback):
         self.norm_policy = norm_policy
         self.seed = seed
         self.routing_space_name = routing_space
+        if method == "iopfl":
+            method_args = {"alpha": alpha, **(method_args or {})}
+        self.method = build_method(method, method_args)
         self.on_nonfinite = on_nonfinite
 
         self.round = 0
@@ -144,7 +158,8 @@ class FederatedTrainer(Callback):
         if stage == "fit":
             if trainer.val_check_interval != 1.0:
                 raise ValueError("FederatedTrainer needs val_check_interval=1.0 (one round = one epoch)")
-            datamodule.configure_rounds(self.participants, self.local_epochs)
+            pooled = {"pooled": True} if self.method.pooled else {}  # centralized only
+            datamodule.configure_rounds(self.participants, self.local_epochs, **pooled)
             if self.client_fraction < 1.0 and trainer.reload_dataloaders_every_n_epochs != 1:
                 # rounds differ in length; Lightning sizes an epoch when the loader is built
                 log.info("client_fraction < 1: rebuilding the training loader every round")
@@ -163,6 +178,10 @@ class FederatedTrainer(Callback):
             net.load_state_dict(self.global_state)
         self._param_keys = {k for k, _ in net.named_parameters()}
         self._norm_keys = norm_keys(net)
+        self.method.setup(net, self._param_keys, self._norm_keys)
+        self._local_keys = self.method.local_keys()
+        if self.norm_policy == "local":
+            self._local_keys = self._local_keys | self._norm_keys
         self.server = ServerOptimizer(
             subset(self.global_state, self._param_keys),
             name=self.server_optimizer_name,
@@ -182,7 +201,7 @@ class FederatedTrainer(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        client = _client_of(batch)
+        client = self.method.client_of(_client_of(batch))
         if client == self._client:
             return
         if self._client is not None:
@@ -210,7 +229,7 @@ class FederatedTrainer(Callback):
                 net_spec=getattr(pl_module, "net_spec", None),
                 sites=self.sites,
                 global_state=self.global_state,
-                personalized={self.sites[k]: s for k, s in self.personalized.items()},
+                personalized={self.sites[k]: s for k, s in self.personal_models().items()},
                 sample_counts=dict(zip(self.sites, self.sample_counts, strict=True)),
                 rounds=self.round,
                 run_id=self.run_id,
@@ -223,7 +242,7 @@ class FederatedTrainer(Callback):
             raise ValueError(f"batch has client index {client}, but there are {len(self.sites)} sites")
         net = self._net(pl_module)
         net.load_state_dict(self.global_state)
-        if self.norm_policy == "local" and client in self.local_norms:
+        if client in self.local_norms:
             net.load_state_dict(self.local_norms[client], strict=False)
         for i, optimizer in enumerate(trainer.optimizers):
             stored = self.client_optimizer_states.get(client, {}).get(i)
@@ -231,7 +250,25 @@ class FederatedTrainer(Callback):
                 optimizer.load_state_dict(stored)
             else:
                 optimizer.state.clear()  # Adam re-initialises its moments lazily
+        self.method.start_client(pl_module, client, self.global_state, self.personalized.get(client))
         self._client = client
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._client is not None:
+            self.method.before_optimizer_step(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._client is not None:
+            self.method.after_batch(pl_module, batch)
+
+    def _keeps_optimizer(self) -> bool:
+        keep = self.method.keep_optimizer
+        return self.optimizer_state == "keep" if keep is None else keep
 
     def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         client = self._client
@@ -240,11 +277,14 @@ class FederatedTrainer(Callback):
         if not all_finite(local):
             self._nonfinite_client(client)
             return
-        self._accumulator.add(local, float(self.sample_counts[client]))
-        self.personalized[client] = ema_update(self.personalized.get(client), local, self.alpha)
-        if self.norm_policy == "local":
-            self.local_norms[client] = clone_state(subset(local, self._norm_keys))
-        if self.optimizer_state == "keep":
+        if self.method.aggregate:
+            self._accumulator.add(local, float(self.sample_counts[client]))
+        personal = self.method.update_personal(self.personalized.get(client), local, client)
+        if personal is not None:
+            self.personalized[client] = personal
+        if self._local_keys:
+            self.local_norms[client] = clone_state(subset(local, self._local_keys))
+        if self._keeps_optimizer():
             self.client_optimizer_states[client] = {
                 i: copy.deepcopy(opt.state_dict()) for i, opt in enumerate(trainer.optimizers)
             }
@@ -269,7 +309,9 @@ class FederatedTrainer(Callback):
             return
         if self._client is not None:
             self._finish_client(trainer, pl_module)
-        if self._accumulator.num_clients == 0:
+        if not self.method.aggregate:
+            pass  # e.g. local training: the global model never moves
+        elif self._accumulator.num_clients == 0:
             log.warning("round %d: no client trained; the global model is unchanged", self.round)
         else:
             params = self.server.step(self._accumulator.mean_delta())
@@ -284,9 +326,18 @@ class FederatedTrainer(Callback):
     def _routing_space_path(self, trainer: pl.Trainer) -> str:
         return f"{trainer.log_dir}/{self.routing_space_name}"
 
+    def personal_models(self) -> dict[int, StateDict]:
+        """Each client's personalized model: its own copy where the method keeps one, else
+        (FedBN, FedPer, local) the global weights with the client's local keys over them."""
+        out = {k: {**self.global_state, **s} for k, s in self.local_norms.items()}
+        out.update(self.personalized)
+        return dict(sorted(out.items()))
+
     def _publish(self, pl_module: pl.LightningModule) -> None:
-        """Hands the personalized copies (by site name) to the module for evaluation."""
-        pl_module.personalized_states = {self.sites[k]: s for k, s in self.personalized.items()}
+        """Hands the personalized models (by site name) to the module for evaluation."""
+        if self.global_state is None:
+            return
+        pl_module.personalized_states = {self.sites[k]: s for k, s in self.personal_models().items()}
 
     def _move_all(self, device: torch.device) -> None:
         if self.global_state is not None:
@@ -312,6 +363,7 @@ class FederatedTrainer(Callback):
             "local_norms": {k: _to(s, cpu) for k, s in self.local_norms.items()},
             "client_optimizer_states": self.client_optimizer_states,
             "server_optimizer": None if self.server is None else self.server.state_dict(),
+            "method": {"name": self.method.name, "state": self.method.state_dict()},
             "run_id": self.run_id,
             "nonfinite": list(self.nonfinite),
         }
@@ -332,6 +384,11 @@ class FederatedTrainer(Callback):
             int(k): v for k, v in state_dict["client_optimizer_states"].items()
         }
         self._server_state = state_dict["server_optimizer"]
+        method = state_dict.get("method", {"name": "iopfl", "state": {}})
+        if method["name"] != self.method.name:
+            raise ValueError(f"checkpoint was trained with method {method['name']!r}, "
+                             f"this run uses {self.method.name!r}")
+        self.method.load_state_dict(method["state"])
         self.run_id = state_dict.get("run_id")
         self.nonfinite = [(int(r), str(s)) for r, s in state_dict.get("nonfinite", [])]
 
