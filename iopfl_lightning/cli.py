@@ -3,15 +3,20 @@
 A LightningCLI over any LightningModule of this package (``model.class_path``) and the
 MultiSiteDataModule. After ``fit`` the test split is evaluated with the final weights
 (``--test_after_fit false`` to skip), so one command ends with the per-site results table.
+
+Every trainer gets :class:`~iopfl_lightning.checkpoint_io.AtomicCheckpointIO` (atomic checkpoint
+writes, ``weights_only=True`` loads of ``--ckpt_path``) unless another CheckpointIO plugin is given.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from iopfl_lightning.checkpoint_io import use_atomic_checkpoints
 from iopfl_lightning.data import MultiSiteDataModule
 
 
@@ -23,6 +28,11 @@ class IOPFLCLI(LightningCLI):
             default=True,
             help="after fit, evaluate the test split and write results.csv/results.md",
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit", True):
