@@ -1,0 +1,117 @@
+"""The comparison table: per-run result rows -> site x method, mean and std over seeds.
+
+Input rows (one per run, site and evaluated model) carry ``method`` (the run's label),
+``seed``, ``site``, ``model``, ``dice``, ``hd95``. For each method the *deployed* model is the one
+the method puts at a site (``personalized`` where the method keeps a per-site model, else
+``global``); the markdown table and the charts show that one, the CSV keeps every model.
+Over sites: each seed's mean over sites first, then mean and std over seeds (so the std is the
+spread between runs, not between sites). Std is the sample std (n - 1); NaN with one seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from iopfl_lightning.fileio import atomic_write_text  # noqa: E402
+
+log = logging.getLogger(__name__)
+MEAN = "mean"
+METRICS = ("dice", "hd95")
+
+
+def summarize(rows: Sequence[dict], deployed: dict[str, str]) -> pd.DataFrame:
+    """Long table: method, model, site (plus ``mean``), ``{metric}_mean``/``_std``, seeds,
+    deployed (bool). ``deployed`` maps a method label to its deployed model name."""
+    runs = pd.DataFrame(list(rows))
+    per_site = runs[["method", "model", "seed", "site", *METRICS]]
+    over_sites = per_site.groupby(["method", "model", "seed"], sort=False)[list(METRICS)].mean()
+    over_sites = over_sites.reset_index().assign(site=MEAN)
+    both = pd.concat([per_site, over_sites], ignore_index=True)
+    grouped = both.groupby(["method", "model", "site"], sort=False)
+    table = grouped[list(METRICS)].agg(["mean", "std"])
+    table.columns = [f"{m}_{s}" for m, s in table.columns]
+    table["seeds"] = grouped["seed"].nunique()
+    table = table.reset_index()
+    chosen = {m: _deployed_model(deployed.get(m), set(part["model"]))
+              for m, part in table.groupby("method", sort=False)}
+    table["deployed"] = [chosen[m] == model
+                         for m, model in zip(table["method"], table["model"], strict=True)]
+    return table
+
+
+def _deployed_model(wanted: str | None, present: set[str]) -> str:
+    """The method's deployed model if its runs evaluated it, else ``global``."""
+    return wanted if wanted in present else "global"
+
+
+def _cell(mean: float, std: float, digits: int) -> str:
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """Two site x method tables (Dice, HD95) of the deployed models, ``mean ± std`` over seeds."""
+    shown = table[table["deployed"]]
+    methods = list(dict.fromkeys(shown["method"]))
+    sites = [s for s in dict.fromkeys(shown["site"]) if s != MEAN] + [MEAN]
+    lookup = {(r.method, r.site): r for r in shown.itertuples()}
+    out = []
+    for metric, title, digits in (("dice", "Foreground Dice per case", 4), ("hd95", "HD95 (px)", 2)):
+        out += [f"### {title}", "", "| site | " + " | ".join(methods) + " |",
+                "|---|" + "---:|" * len(methods)]
+        for site in sites:
+            cells = []
+            for m in methods:
+                r = lookup.get((m, site))
+                cell = "-" if r is None else _cell(getattr(r, f"{metric}_mean"),
+                                                   getattr(r, f"{metric}_std"), digits)
+                cells.append(f"**{cell}**" if site == MEAN else cell)
+            name = "**mean over sites**" if site == MEAN else site
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_sites(table: pd.DataFrame, folder: Path) -> list[Path]:
+    """One PNG per site (and for the mean): Dice and HD95 bars per method, std as error bars."""
+    shown = table[table["deployed"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for site, part in shown.groupby("site", sort=False):
+        fig, axes = plt.subplots(1, 2, figsize=(2 + 0.8 * len(part), 3.2))
+        for ax, metric in zip(axes, METRICS, strict=True):
+            ax.bar(part["method"], part[f"{metric}_mean"], yerr=part[f"{metric}_std"].fillna(0),
+                   capsize=3, color="tab:blue" if metric == "dice" else "tab:orange")
+            ax.set_title(f"{site}: {'Dice' if metric == 'dice' else 'HD95 (px)'}")
+            ax.tick_params(axis="x", rotation=45)
+        fig.tight_layout()
+        path = folder / f"compare_{_safe(site)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def write_comparison(rows: Sequence[dict], deployed: dict[str, str], out: Path, note: str = "",
+                     ) -> pd.DataFrame:
+    """Writes ``compare.csv``, ``compare.md`` and ``plots/compare_<site>.png`` into ``out``."""
+    table = summarize(rows, deployed)
+    atomic_write_text(out / "compare.csv", table.to_csv(index=False, float_format="%.6f"))
+    markdown = to_markdown(table)
+    atomic_write_text(out / "compare.md", f"# Inside methods compared\n\n{markdown}\n{note}\n")
+    plot_sites(table, out / "plots")
+    log.info("comparison written to %s\n%s", out / "compare.md", markdown)
+    return table

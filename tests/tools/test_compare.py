@@ -1,0 +1,56 @@
+"""The comparison command: method specs, per-run configs, and a tiny end-to-end run."""
+
+import csv
+
+import pytest
+import yaml
+
+from iopfl_lightning.tools import compare as compare_mod
+from iopfl_lightning.tools.compare import main, parse_method, run_config
+
+TINY = "tests/configs/demo_tiny.yaml"
+
+
+def test_method_specs_parse_arguments_and_refuse_unknown_names():
+    assert parse_method("fedavg") == ("fedavg", {})
+    assert parse_method("fedprox:mu=0.1") == ("fedprox", {"mu": 0.1})
+    assert parse_method("fedper:local_modules=[head]") == ("fedper", {"local_modules": ["head"]})
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("fedsomething")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("fedprox:mu")
+
+
+def test_run_config_sets_method_seeds_and_folder_but_keeps_the_data(tmp_path):
+    base = yaml.safe_load(open(TINY))
+    cfg = run_config(base, "iopfl:alpha=0.5", 3, tmp_path)
+    fed = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("FederatedTrainer")][0]
+    assert fed["init_args"]["method"] == "iopfl" and fed["init_args"]["seed"] == 3
+    assert fed["init_args"]["method_args"] == {"alpha": 0.5}
+    assert cfg["seed_everything"] == 3 and cfg["data"]["seed"] == 3
+    assert cfg["data"]["synthetic"]["seed"] == base["data"].get("seed", 0)  # same sites
+    assert cfg["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path)
+    assert "method" not in str(base)  # the loaded config is not modified
+
+
+def test_compare_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    argv = ["--config", TINY, "--methods", "fedavg", "iopfl", "--seeds", "0",
+            "--out", str(tmp_path), "--", "--trainer.max_epochs", "1"]
+    rows = main(argv)
+    assert {r["method"] for r in rows} == {"fedavg", "iopfl"}
+    with open(tmp_path / "compare.csv") as handle:
+        table = list(csv.DictReader(handle))
+    shown = {(r["method"], r["model"]) for r in table if r["deployed"] == "True"}
+    assert shown == {("fedavg", "global"), ("iopfl", "personalized")}
+    sites = yaml.safe_load(open(TINY))["data"]["sites"]
+    assert {r["site"] for r in table} == {*sites, "mean"}
+    markdown = (tmp_path / "compare.md").read_text()
+    assert "| **mean over sites** |" in markdown and "fedavg" in markdown
+    plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert plots == sorted(f"compare_{s}.png" for s in [*sites, "mean"])
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a finished run was fitted again")
+
+    monkeypatch.setattr("iopfl_lightning.cli.main", no_fit)
+    assert len(compare_mod.compare(TINY, ["fedavg"], [0], tmp_path)) == len(sites) * 1
