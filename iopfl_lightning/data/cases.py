@@ -7,6 +7,8 @@ by all readers so that bad data fails early, with a message naming the file and 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,23 @@ def require_path(path: Path, what: str) -> Path:
     if not path.exists():
         raise DataError(f"missing {what}: {path}")
     return path
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Re-raise a decoder's error (truncated or corrupt file) as a DataError naming ``path``."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+
+
+def check_dtype(array: np.ndarray, source: str, what: str) -> None:
+    """Images and masks must hold real numbers (bool, int, uint or float), nothing else."""
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{source}: {what} has dtype {array.dtype}; expected real numbers")
 
 
 def check_finite(image: np.ndarray, source: str, chunk: int = 16) -> None:
@@ -110,6 +129,8 @@ def make_case(
             f"image/mask shape mismatch: {image_source} has shape {image.shape}, "
             f"{mask_source} has shape {mask.shape} (expected [N, H, W] = {image.shape[:3]})"
         )
+    check_dtype(image, image_source, "image")
+    check_dtype(mask, mask_source, "mask")
     if image.dtype != np.float32:
         image = image.astype(np.float32)
     check_finite(image, image_source)

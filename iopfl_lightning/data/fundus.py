@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cases import Case, DataError, SiteSplits, make_case, require_path
+from .cases import Case, DataError, SiteSplits, make_case, reading, require_path
 from .png_slices import carve_val
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def _resized(img: Image.Image, size: int | None, resample: Image.Resampling) -> 
 
 def _read_image(path: Path, size: int | None) -> np.ndarray:
     """RGB image as ``[1, H, W, 3]`` float32 in ``[0, 1]``."""
-    with Image.open(path) as img:
+    with reading(path), Image.open(path) as img:
         rgb = _resized(img.convert("RGB"), size, Image.Resampling.BILINEAR)
         return (np.asarray(rgb, dtype=np.float32) / 255.0)[None]
 
@@ -72,7 +72,7 @@ def mask_to_labels(raw: np.ndarray, path: Path, snap: bool = False) -> np.ndarra
 
 def _read_mask(path: Path, size: int | None, snap: bool) -> np.ndarray:
     """Mask as ``[1, H, W]`` labels; an RGB mask must have equal channels."""
-    with Image.open(path) as img:
+    with reading(path), Image.open(path) as img:
         img = _resized(img, size, Image.Resampling.NEAREST)
         raw = np.asarray(img)
     if raw.ndim == 3:

@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from .cases import Case, DataError, SiteSplits, make_case, require_path
+from .cases import Case, DataError, SiteSplits, make_case, reading, require_path
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def pair_files(
 
 def _read_grey(path: Path) -> np.ndarray:
     """8-bit grey pixels of ``path`` (colour images are converted to grey)."""
-    with Image.open(path) as img:
+    with reading(path), Image.open(path) as img:
         return np.asarray(img if img.mode == "L" else img.convert("L"))
 
 
