@@ -375,6 +375,11 @@ class FederatedTrainer(Callback):
                 f"FederatedTrainer: checkpoint state lacks keys {missing} (written by another "
                 "version of iopfl_lightning, or not a federated checkpoint)"
             )
+        if self.sites and list(state_dict["sites"]) != self.sites:  # setup ran first: data's
+            raise ValueError(
+                f"checkpoint was trained on sites {list(state_dict['sites'])}, "
+                f"data has {self.sites}"
+            )
         self.round = int(state_dict["round"])
         self.sites = list(state_dict["sites"])
         self.global_state = state_dict["global_state"]
