@@ -17,6 +17,7 @@ notebook pass ``Trainer(plugins=[AtomicCheckpointIO()])``.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -40,9 +41,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        return super().load_checkpoint(
-            path, map_location=map_location, weights_only=True if weights_only is None else weights_only
-        )
+        try:
+            return super().load_checkpoint(
+                path, map_location=map_location,
+                weights_only=True if weights_only is None else weights_only,
+            )
+        except pickle.UnpicklingError as err:  # names the refused global, not the file
+            raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {err}") from err
 
 
 def use_atomic_checkpoints(trainer: Trainer) -> None:

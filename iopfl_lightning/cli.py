@@ -18,6 +18,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from iopfl_lightning.checkpoint_io import use_atomic_checkpoints
 from iopfl_lightning.data import MultiSiteDataModule
+from iopfl_lightning.fileio import safe_torch_load
+
+log = logging.getLogger(__name__)
 
 
 class IOPFLCLI(LightningCLI):
@@ -29,6 +32,16 @@ class IOPFLCLI(LightningCLI):
             help="after fit, evaluate the test split and write results.csv/results.md",
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parses, then opens ``--ckpt_path`` safely before LightningCLI reads its hyperparameters,
+        so a truncated file or a pickle payload is refused with an error naming the file."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            hparams = safe_torch_load(ckpt_path).get("hyper_parameters") or {}
+            _warn_overridden(self.config[subcommand].get("model"), hparams, ckpt_path)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
@@ -37,6 +50,19 @@ class IOPFLCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit", True):
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+
+
+def _warn_overridden(model_config: Any, hparams: dict, ckpt_path: str) -> None:
+    """LightningCLI builds the model from the checkpoint's hyperparameters, silently replacing
+    model arguments given now; say which ones."""
+    init_args = getattr(model_config, "init_args", None)
+    if init_args is None:
+        return
+    given = dict(vars(init_args))
+    changed = {k: (given[k], v) for k, v in hparams.items() if k in given and given[k] != v}
+    for key, (now, saved) in changed.items():
+        log.warning("--ckpt_path %s: model %s=%r is ignored, the checkpoint's %r is used",
+                    ckpt_path, key, now, saved)
 
 
 def main(args: list[str] | None = None) -> IOPFLCLI:

@@ -83,6 +83,20 @@ def read_routing_space(path: str | os.PathLike) -> dict[str, Any]:
     if absent:
         raise ValueError(f"{path}: no personalized model for site(s) {absent}")
     reference: StateDict = space["global"]
+    if space["net_spec"]:
+        _check_architecture(path, space["net_spec"], reference)
     for site, state in space["personalized"].items():
         check_same_keys(reference, state, f"{path}: personalized model of site {site!r}")
     return space
+
+
+def _check_architecture(path, spec: Mapping[str, Any], state: StateDict) -> None:
+    """The global state must fit the net ``net_spec`` builds (built on the meta device: free)."""
+    from iopfl_lightning.nets import build_from_spec  # nets import smp: only when needed
+
+    try:
+        with torch.device("meta"):
+            expected = build_from_spec(dict(spec)).state_dict()
+    except Exception as err:  # an unknown net name or argument of another version
+        raise ValueError(f"{path}: cannot build the net of net_spec {dict(spec)}: {err}") from err
+    check_same_keys(expected, state, f"{path}: global model vs its net_spec {dict(spec)}")
