@@ -109,7 +109,8 @@ def compare(config: str | Path, methods: Sequence[str], seeds: Sequence[int], ou
         parse_method(spec)  # fail before the first fit
     out = Path(out)
     base = yaml.safe_load(Path(config).read_text())
-    rows = [row for spec in methods for seed in seeds for row in run_one(base, spec, seed, out, extra)]
+    # seed-major: a partial comparison already has every method for the first seeds
+    rows = [row for seed in seeds for spec in methods for row in run_one(base, spec, seed, out, extra)]
     deployed = {spec: METHODS[parse_method(spec)[0]].deployed for spec in methods}
     note = (f"Config `{config}`, seeds {list(seeds)}; test split; Dice and HD95 per case averaged "
             "per site; mean ± sample std over seeds; the mean over sites is taken per seed first. "

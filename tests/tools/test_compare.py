@@ -8,7 +8,20 @@ import yaml
 from iopfl_lightning.tools import compare as compare_mod
 from iopfl_lightning.tools.compare import main, parse_method, run_config
 
-TINY = "tests/configs/demo_tiny.yaml"
+TINY = "tests/configs/compare_cpu_tiny.yaml"
+REAL = "experiments/compare_cpu.yaml"
+
+
+def _args(section):
+    return section.get("init_args", section)
+
+
+def test_twin_mirrors_the_comparison_config():
+    full, tiny = (yaml.safe_load(open(path)) for path in (REAL, TINY))
+    for section in ("model", "data"):
+        assert set(_args(tiny[section])) <= set(_args(full[section])), section
+    classes = [[c["class_path"] for c in cfg["trainer"]["callbacks"]] for cfg in (full, tiny)]
+    assert classes[0] == classes[1]
 
 
 def test_method_specs_parse_arguments_and_refuse_unknown_names():
