@@ -4,11 +4,9 @@ from iopfl_lightning.federated.aggregate import ServerOptimizer, UpdateAccumulat
 from iopfl_lightning.federated.callback import FederatedTrainer
 from iopfl_lightning.federated.participation import select_clients
 from iopfl_lightning.federated.personalize import ema_update
-from iopfl_lightning.federated.progress import FederatedProgressBar
 from iopfl_lightning.federated.routing_space import read_routing_space, write_routing_space
 
 __all__ = [
-    "FederatedProgressBar",
     "FederatedTrainer",
     "ServerOptimizer",
     "UpdateAccumulator",

@@ -43,6 +43,7 @@ from iopfl_lightning.federated.aggregate import ServerOptimizer, ServerOptName, 
 from iopfl_lightning.federated.methods import FederatedMethod, build_method
 from iopfl_lightning.federated.participation import select_clients
 from iopfl_lightning.federated.personalize import check_alpha
+from iopfl_lightning.federated.progress import describe_round
 from iopfl_lightning.federated.routing_space import check_run_owns, write_routing_space
 from iopfl_lightning.federated.state import StateDict, all_finite, clone_state, norm_keys, subset
 
@@ -252,6 +253,7 @@ class FederatedTrainer(Callback):
                 optimizer.state.clear()  # Adam re-initialises its moments lazily
         self.method.start_client(pl_module, client, self.global_state, self.personalized.get(client))
         self._client = client
+        describe_round(trainer, self.round, self.sites[client])
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

@@ -1,24 +1,16 @@
-"""A progress bar that says which federated round and which site is training."""
+"""Progress-bar text: which federated round and which site is training."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import TQDMProgressBar
 
 
-class FederatedProgressBar(TQDMProgressBar):
-    """TQDM bar whose description reads ``Round R · site NAME`` while a client trains.
+def describe_round(trainer: pl.Trainer, round_idx: int, site: str) -> None:
+    """Sets the training bar's description to ``Round R · site NAME``.
 
-    The site comes from the batch's client index (``client_id``, read on the CPU by the
-    datamodule) and the datamodule's ``inside_sites``; the round is the epoch.
+    Works with Lightning's default TQDM bar (and any bar exposing ``train_progress_bar``);
+    does nothing when the bar is disabled or of another kind.
     """
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch, batch_idx: int) -> None:
-        sites = getattr(trainer.datamodule, "inside_sites", None)
-        client = batch.get("client_id") if isinstance(batch, dict) else None
-        if sites and client is not None and self.train_progress_bar is not None:
-            name = sites[client] if 0 <= client < len(sites) else client
-            self.train_progress_bar.set_description(
-                f"Round {trainer.current_epoch} · site {name}", refresh=False
-            )
+    bar = getattr(trainer.progress_bar_callback, "train_progress_bar", None)
+    if bar is not None and hasattr(bar, "set_description"):
+        bar.set_description(f"Round {round_idx} · site {site}", refresh=False)

@@ -1,17 +1,19 @@
-from iopfl_lightning.federated import FederatedProgressBar, FederatedTrainer
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from iopfl_lightning.federated import FederatedTrainer
 from tests.helpers import tiny_datamodule, tiny_module, tiny_trainer
 
 
 def test_progress_bar_names_round_and_site(tmp_path):
     seen = []
 
-    class Recording(FederatedProgressBar):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+    class Recording(TQDMProgressBar):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append(self.train_progress_bar.desc)
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     dm = tiny_datamodule()
     trainer = tiny_trainer(1, [FederatedTrainer(), Recording()], tmp_path,
                            enable_progress_bar=True, limit_val_batches=0)
     trainer.fit(tiny_module(), datamodule=dm)
-    assert {d for d in seen} == {f"Round 0 · site {s}" for s in dm.inside_sites}
+    assert {d.rstrip(": ") for d in seen} == {f"Round 0 · site {s}" for s in dm.inside_sites}
