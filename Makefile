@@ -18,9 +18,11 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m iopfl_lightning fit --config experiments/demo.yaml
 
+# One torch thread in tests: tiny nets gain nothing from two, and on a busy 2-core machine
+# OpenMP spin-waiting made steps up to 20x slower.
 test: $(STAMP)
 	$(BIN)/ruff check iopfl_lightning tests benchmarks
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check iopfl_lightning tests benchmarks
