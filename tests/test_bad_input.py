@@ -35,15 +35,6 @@ DEMO = REPO / "tests" / "configs" / "demo_tiny.yaml"
 SPEC = dict(net_spec("unet", in_channels=3, num_classes=2, features=4))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine OpenMP spin-waiting made steps ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- builders of good inputs
 
 

@@ -30,15 +30,6 @@ ROUNDS = 3
 STALL_ROUND, STALL_BATCH = 1, 3  # round 1, client 1's second batch: mid-round and mid-client
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine OpenMP spin-waiting made steps ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class StallAt(Callback):
     """Test-only: writes ``marker`` and sleeps at one training batch, so the test can SIGKILL the
     process at a deterministic point (after round 0's checkpoint, in the middle of round 1)."""

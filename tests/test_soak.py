@@ -21,7 +21,6 @@ import gc
 import os
 import random
 
-import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -73,14 +72,6 @@ class Probe(Callback):
         self.rss[r] = rss_mb()
         if r in (WARMUP, ROUNDS - 1):  # a full gc scan is slow: only at both ends
             self.tensors[r] = live_tensors()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_soak_many_rounds_random_participation_and_faults(tmp_path):

@@ -12,15 +12,6 @@ from iopfl_lightning.modules import SegmentationModule
 from tests.helpers import tiny_datamodule, tiny_module, tiny_trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine OpenMP spin-waiting made steps ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class PoisonedModule(SegmentationModule):
     """Multiplies the loss of ``clients`` in ``rounds`` by ``factor`` (NaN or inf): an injected fault."""
 
