@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
+import csv
+from pathlib import Path
 
+import lightning.pytorch as pl
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from iopfl_lightning.cli import main
 from iopfl_lightning.data import MultiSiteDataModule
 from iopfl_lightning.modules import SegmentationModule
 
@@ -42,3 +48,32 @@ def tiny_trainer(max_epochs: int, callbacks: list, root, **overrides) -> pl.Trai
     )
     kwargs.update(overrides)
     return pl.Trainer(callbacks=callbacks, **kwargs)
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIGS = REPO / "tests" / "configs"
+
+
+def run_cli(args: list[str], root) -> LightningCLI:
+    """Runs the CLI with every output (run folder, logger) under ``root``."""
+    return main([*args, "--trainer.default_root_dir", str(root),
+                 "--trainer.logger.init_args.save_dir", str(root)])
+
+
+def fit_rows(config: str, root, *extra: str) -> list[dict]:
+    """``fit`` a tiny config from tests/configs; returns the rows of its results.csv."""
+    cli = run_cli(["fit", "--config", str(TINY_CONFIGS / config), *extra], root)
+    with open(Path(cli.trainer.log_dir) / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def load_twin(real: str, twin: str) -> tuple[dict, dict]:
+    """Loads an experiment config and its tiny twin, and checks the twin changes values only:
+    it never adds a model or data option the real config lacks."""
+    full = yaml.safe_load((REPO / "experiments" / real).read_text())
+    tiny = yaml.safe_load((TINY_CONFIGS / twin).read_text())
+    for section in ("model", "data"):
+        tiny_args = tiny[section].get("init_args", tiny[section])
+        full_args = full[section].get("init_args", full[section])
+        assert set(tiny_args) <= set(full_args), (real, section)
+    return full, tiny

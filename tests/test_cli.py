@@ -5,20 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from iopfl_lightning.cli import main
 from iopfl_lightning.federated import read_routing_space
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs"
-
-
-def _run(args, tmp_path):
-    return main([*args, "--trainer.default_root_dir", str(tmp_path),
-                 "--trainer.logger.init_args.save_dir", str(tmp_path)])
+from tests.helpers import TINY_CONFIGS, run_cli
 
 
 def test_demo_twin_runs_fit_then_test_and_writes_the_results_contract(tmp_path):
-    cli = _run(["fit", "--config", str(TINY / "demo_tiny.yaml")], tmp_path)
+    cli = run_cli(["fit", "--config", str(TINY_CONFIGS / "demo_tiny.yaml")], tmp_path)
     run_dir = Path(cli.trainer.log_dir)
     with open(run_dir / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -34,7 +26,7 @@ def test_demo_twin_runs_fit_then_test_and_writes_the_results_contract(tmp_path):
 
 
 def test_leave_one_site_out_keeps_the_site_out_of_training(tmp_path):
-    cli = _run(["fit", "--config", str(TINY / "demo_tiny.yaml"), "--data.outside", "UCL"], tmp_path)
+    cli = run_cli(["fit", "--config", str(TINY_CONFIGS / "demo_tiny.yaml"), "--data.outside", "UCL"], tmp_path)
     run_dir = Path(cli.trainer.log_dir)
     space = read_routing_space(run_dir / "routing_space.pt")
     assert "UCL" not in space["sites"]
@@ -54,6 +46,6 @@ def test_leave_one_site_out_keeps_the_site_out_of_training(tmp_path):
 )
 def test_bad_data_arguments_fail_before_training(tmp_path, override, match):
     with pytest.raises((ValueError, SystemExit)) as info:
-        _run(["fit", "--config", str(TINY / "demo_tiny.yaml"), *override], tmp_path)
+        run_cli(["fit", "--config", str(TINY_CONFIGS / "demo_tiny.yaml"), *override], tmp_path)
     assert match in str(info.value) or isinstance(info.value, SystemExit)
     assert not list(tmp_path.rglob("*.ckpt"))
