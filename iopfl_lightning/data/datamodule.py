@@ -355,9 +355,7 @@ def _check_sites(sites: list[str], valid: list[str]) -> list[str]:
     unknown = [s for s in sites if s not in valid]
     if unknown:
         raise ValueError(f"sites: unknown site(s) {unknown}; valid sites: {valid}")
-    twice = sorted({s for s in sites if sites.count(s) > 1})
-    if twice:
-        raise ValueError(f"sites: site(s) {twice} listed more than once")
+    _refuse_repeats("sites", sites)
     if not sites:
         raise ValueError("sites: empty list; give at least one site or None for all")
     return list(sites)
@@ -370,10 +368,14 @@ def _check_outside(outside: list[str] | str | None, sites: list[str]) -> list[st
     missing = [s for s in outside if s not in sites]
     if missing:
         raise ValueError(f"outside: site(s) {missing} are not among sites {sites}")
-    twice = sorted({s for s in outside if outside.count(s) > 1})
-    if twice:
-        raise ValueError(f"outside: site(s) {twice} listed more than once")
+    _refuse_repeats("outside", outside)
     return outside
+
+
+def _refuse_repeats(name: str, sites: list[str]) -> None:
+    twice = sorted({s for s in sites if sites.count(s) > 1})
+    if twice:
+        raise ValueError(f"{name}: site(s) {twice} listed more than once")
 
 
 def _check_synthetic(overrides: dict[str, Any] | None, seed: int) -> dict[str, Any]:
