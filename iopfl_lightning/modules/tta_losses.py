@@ -66,12 +66,15 @@ def shape_loss(logits: Tensor, kind: ShapeLoss, radius: int = 10) -> Tensor:
 
 
 def _rotate(x: Tensor, turns: Tensor, sign: int) -> Tensor:
-    """Rotate each sample ``x[b]`` by ``sign * turns[b]`` quarter turns in the (H, W) plane."""
+    """Rotate each sample ``x[b]`` by ``sign * turns[b]`` quarter turns in the (H, W) plane.
+
+    Every rotation is computed and selected per sample with ``torch.where``: no host sync to
+    ask which rotations occur (the rotations are copies, cheap next to the net)."""
+    square = x.shape[-1] == x.shape[-2]
     out = x
-    for k in range(1, 4):
+    for k in (1, 2, 3) if square else (2,):
         chosen = (turns == k).view(-1, *([1] * (x.dim() - 1)))
-        if bool(chosen.any()):
-            out = torch.where(chosen, torch.rot90(x, sign * k, dims=(-2, -1)), out)
+        out = torch.where(chosen, torch.rot90(x, sign * k, dims=(-2, -1)), out)
     return out
 
 
@@ -79,17 +82,18 @@ def augment_view(x: Tensor, noise_std: float, generator: torch.Generator | None 
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(view, turns, flips)``: ``x`` plus N(0, noise_std) noise, flipped left-right
     where ``flips`` is True, then rotated by ``turns`` quarter turns (only 0 or 2 for
-    non-square images, whose odd rotations would change the shape)."""
-    b = x.shape[0]
-    device = x.device
+    non-square images, whose odd rotations would change the shape).
+
+    Everything is drawn on ``x``'s device (a ``generator``, if given, must live there), so a GPU
+    step makes no host-to-device copy and no host sync."""
+    b, device = x.shape[0], x.device
     max_turns = 4 if x.shape[-1] == x.shape[-2] else 2
-    turns = torch.randint(0, max_turns, (b,), generator=generator, device="cpu")
+    turns = torch.randint(0, max_turns, (b,), generator=generator, device=device)
     if max_turns == 2:
         turns = turns * 2
-    flips = torch.randint(0, 2, (b,), generator=generator, device="cpu").bool()
-    noise = torch.randn(x.shape, generator=generator, device="cpu", dtype=torch.float32)
-    view = x + noise.to(device=device, dtype=x.dtype) * noise_std
-    turns, flips = turns.to(device), flips.to(device)
+    flips = torch.randint(0, 2, (b,), generator=generator, device=device).bool()
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+    view = x + noise * noise_std
     view = torch.where(flips.view(-1, 1, 1, 1), view.flip(-1), view)
     return _rotate(view, turns, 1), turns, flips
 

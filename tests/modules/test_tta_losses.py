@@ -16,6 +16,24 @@ def test_view_inverts_exactly_without_noise():
     assert torch.equal(tl.invert_view(view, turns, flips), x)
 
 
+def test_view_matches_per_sample_flip_then_rotation():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 2, 5, 5)
+    view, turns, flips = tl.augment_view(x, noise_std=0.0, generator=gen)
+    assert set(turns.tolist()) == {0, 1, 2, 3} and flips.any() and not flips.all()
+    for b in range(x.shape[0]):
+        want = x[b].flip(-1) if flips[b] else x[b]
+        want = torch.rot90(want, int(turns[b]), dims=(-2, -1))
+        assert torch.equal(view[b], want)
+
+
+def test_view_is_reproducible_with_a_generator():
+    x = torch.randn(4, 1, 8, 8)
+    a = tl.augment_view(x, 0.3, torch.Generator().manual_seed(1))
+    b = tl.augment_view(x, 0.3, torch.Generator().manual_seed(1))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
 def test_view_non_square_keeps_shape():
     x = torch.randn(6, 1, 4, 8)
     view, turns, flips = tl.augment_view(x, noise_std=0.0)
