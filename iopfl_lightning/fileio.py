@@ -30,6 +30,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic(path, lambda h: h.write(text.encode("utf-8")))
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return _atomic(path, lambda h: h.write(data))
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return _atomic(path, lambda h: torch.save(obj, h))
 

@@ -14,13 +14,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from iopfl_lightning.fileio import atomic_write_text  # noqa: E402
+from iopfl_lightning.fileio import atomic_write_text
+from iopfl_lightning.viz import save_figure, site_bar_chart
 
 log = logging.getLogger(__name__)
 MEAN = "mean"
@@ -82,22 +79,14 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def plot_sites(table: pd.DataFrame, folder: Path) -> list[Path]:
-    """One PNG per site (and for the mean): Dice and HD95 bars per method, std as error bars."""
-    shown = table[table["deployed"]]
-    folder.mkdir(parents=True, exist_ok=True)
+    """One PNG per site (and for the mean): Dice and HD95 bars per method, std as error bars
+    (drawn by :func:`iopfl_lightning.viz.site_bar_chart`, as the run folder's chart is)."""
+    shown = table[table["deployed"]].rename(columns={f"{m}_mean": m for m in METRICS})
     paths = []
     for site, part in shown.groupby("site", sort=False):
-        fig, axes = plt.subplots(1, 2, figsize=(2 + 0.8 * len(part), 3.2))
-        for ax, metric in zip(axes, METRICS, strict=True):
-            ax.bar(part["method"], part[f"{metric}_mean"], yerr=part[f"{metric}_std"].fillna(0),
-                   capsize=3, color="tab:blue" if metric == "dice" else "tab:orange")
-            ax.set_title(f"{site}: {'Dice' if metric == 'dice' else 'HD95 (px)'}")
-            ax.tick_params(axis="x", rotation=45)
-        fig.tight_layout()
-        path = folder / f"compare_{_safe(site)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        fig = site_bar_chart(part.to_dict("records"), metric=METRICS, group="method",
+                             error="{metric}_std", add_mean=False, title=str(site))
+        paths.append(save_figure(fig, folder / f"compare_{_safe(site)}.png"))
     return paths
 
 
