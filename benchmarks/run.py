@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from federated_bench import FedConfig, lightning_rounds, make_datamodule, plain_rounds
+from loader_bench import loader_bench
 from routing_bench import routed_bench
 
 PRESETS = {
@@ -63,7 +64,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="torch CPU threads (default 1 on CPU: steadier on a shared machine)")
     p.add_argument("--fp32-engine", action="store_true",
                    help="also run the Lightning engine in fp32 without channels_last (same data)")
-    p.add_argument("--only", choices=["federated", "routed"], default=None)
+    p.add_argument("--only", choices=["federated", "routed", "loader"], default=None)
     p.add_argument("--sweep", action="store_true", help="scaling sweep (clients, size, experts)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = p.parse_args(argv)
@@ -122,6 +123,11 @@ def run_routed(args, device) -> dict:
                      "batch": args.routed_batch, "experts": args.experts,
                      "precision": args.precision, "channels_last": args.channels_last}
     return out
+
+
+def run_loader(args) -> dict:
+    """Loading of one site's slices at the benchmark size: batch-at-once vs per slice."""
+    return loader_bench(args.size, args.batch, args.slices, cases=max(2, args.train_cases))
 
 
 def run_sweep(args, device) -> dict:
@@ -194,6 +200,10 @@ def table(results: dict) -> str:
         row("routed step peak memory, MB", b["peak_mb"], lp["peak_mb"], 0)
         lines.append(f"routed batched vs loop max |diff| (fp32 logits): "
                      f"{rt['loop_vs_batched_max_abs_diff']:.2e}")
+    ld = results.get("loader")
+    if ld:
+        row(f"loading, img/s ({ld['config']['size']}px, z-score; per-slice loader)",
+            ld["batched"]["images_per_s"], ld["plain"]["images_per_s"])
     sweep = results.get("sweep")
     if sweep:
         lines.append("sweep (Lightning engine; round = best measured round):")
@@ -228,6 +238,8 @@ def main(argv=None) -> dict:
         results["federated"] = run_federated(args, device)
     if args.only in (None, "routed"):
         results["routed"] = run_routed(args, device)
+    if args.only in (None, "loader"):
+        results["loader"] = run_loader(args)
     if args.sweep:
         results["sweep"] = run_sweep(args, device)
     results["total_s"] = time.perf_counter() - start

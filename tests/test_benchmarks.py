@@ -30,6 +30,8 @@ POSITIVE = [
     ("routed", "loop_fp32", "images_per_s"),
     ("routed", "loop_fp32", "peak_mb"),
     ("routed", "speedup"),
+    ("loader", "batched", "images_per_s"),
+    ("loader", "plain", "images_per_s"),
 ]
 FINITE = [("federated", "engine_over_plain_time_pct"), ("total_s",)]
 
@@ -57,6 +59,7 @@ def _check(data):
     for path in FINITE:
         assert math.isfinite(_get(data, path)), path
     assert _get(data, ("routed", "loop_vs_batched_max_abs_diff")) < 1e-3
+    assert _get(data, ("loader", "first_batch_max_abs_diff")) < 1e-5
     assert data["device"] and data["date"] and data["command"].startswith("python benchmarks/")
 
 

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader
 
+from .batching import BatchedSlices, collate_batch
 from .cases import SPLITS, DataError, SiteSplits, count_slices
 from .dataset import Normalize, SiteDataset, TransformSpec, build_transform
 from .fundus import FUNDUS_DOMAINS, read_fundus
@@ -275,7 +276,8 @@ class MultiSiteDataModule(LightningDataModule):
             kwargs.setdefault("batch_size", self.eval_batch_size)
             kwargs.setdefault("shuffle", False)
         return DataLoader(
-            dataset,
+            BatchedSlices(dataset),  # one fetch per batch, not per slice
+            collate_fn=collate_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
