@@ -6,6 +6,11 @@ MultiSiteDataModule. After ``fit`` the test split is evaluated with the final we
 
 Every trainer gets :class:`~iopfl_lightning.checkpoint_io.AtomicCheckpointIO` (atomic checkpoint
 writes, ``weights_only=True`` loads of ``--ckpt_path``) unless another CheckpointIO plugin is given.
+
+The results table is logged (markdown) at the end of ``test``, so ``test`` and ``validate``
+skip Lightning's own metric dump by default (``--verbose true`` brings it back). With wandb as
+the logger (:class:`~iopfl_lightning.tracking.WandbRunLogger`) the resolved config goes into
+the wandb run and the run is closed when the command ends.
 """
 
 from __future__ import annotations
@@ -14,13 +19,22 @@ import logging
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from iopfl_lightning import tracking
 from iopfl_lightning.checkpoint_io import use_atomic_checkpoints
 from iopfl_lightning.data import MultiSiteDataModule
 from iopfl_lightning.fileio import safe_torch_load
 
 log = logging.getLogger(__name__)
+
+
+class TrackedSaveConfig(SaveConfigCallback):
+    """Writes ``config.yaml`` to the run folder as usual, and puts the same resolved config
+    into the wandb run when wandb is the logger."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        tracking.log_config(trainer, self.config.as_dict())
 
 
 class IOPFLCLI(LightningCLI):
@@ -35,6 +49,7 @@ class IOPFLCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """Parses, then opens ``--ckpt_path`` safely before LightningCLI reads its hyperparameters,
         so a truncated file or a pickle payload is refused with an error naming the file."""
+        parser.set_defaults({"test.verbose": False, "validate.verbose": False})
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -67,11 +82,14 @@ def _warn_overridden(model_config: Any, hparams: dict, ckpt_path: str) -> None:
 
 def main(args: list[str] | None = None) -> IOPFLCLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return IOPFLCLI(
+    cli = IOPFLCLI(
         LightningModule,
         MultiSiteDataModule,
         subclass_mode_model=True,
+        save_config_callback=TrackedSaveConfig,
         save_config_kwargs={"overwrite": False},
         args=args,
         auto_configure_optimizers=False,
     )
+    tracking.finish(getattr(cli, "trainer", None))
+    return cli

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from iopfl_lightning.modules import tta_losses as tl
-from iopfl_lightning.modules.evaluation import SiteEvaluator, means_by_model
+from iopfl_lightning.modules.evaluation import MixtureMeter, SiteEvaluator, log_rows, report_test
 from iopfl_lightning.modules.routing_experts import (
     average_states,
     ensemble_probabilities,
@@ -46,9 +46,15 @@ from iopfl_lightning.modules.routing_experts import (
     use_batch_statistics,
 )
 from iopfl_lightning.nets import build_from_spec
-from iopfl_lightning.nets.routed import build_routed_net, norm_affine_parameters, router_parameters
+from iopfl_lightning.nets.routed import (
+    build_routed_net,
+    norm_affine_parameters,
+    router_parameters,
+    set_mixture_recording,
+)
 from iopfl_lightning.nets.routed_layers import GATES, STARTS, Gate, Start
-from iopfl_lightning.results import write_results
+from iopfl_lightning.viz import routing_heatmap
+from iopfl_lightning.viz.collect import OverlayCases
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +102,9 @@ class RoutingModule(pl.LightningModule):
             ``routed`` (None = all).
         router_hidden, router_dropout, global_eps: router settings (see ``RouterConfig``).
         train_norm_affine: also adapt the routed net's normalization affine parameters.
+        overlay_cases: test cases drawn in the run folder's ``overlays.png`` (every model
+            side by side); 0 draws none. ``routing_weights.png`` shows the mean mixture per
+            layer and expert of the reported (last) pass.
     """
 
     def __init__(
@@ -117,9 +126,11 @@ class RoutingModule(pl.LightningModule):
         router_dropout: float = 0.0,
         global_eps: float = 1e-2,
         train_norm_affine: bool = True,
+        overlay_cases: int = 3,
     ) -> None:
         super().__init__()
-        self._check_args(gate, start, norm, shape_loss, eval_mode, baselines, lr, noise_std)
+        self._check_args(gate, start, norm, shape_loss, eval_mode, baselines, lr, noise_std,
+                         overlay_cases)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.baselines = list(BASELINES if baselines is None else baselines)
@@ -145,11 +156,14 @@ class RoutingModule(pl.LightningModule):
         self._uniform = average_states(experts.states)
         self._online: dict[str, dict[tuple[int, int], Tensor]] = {m: {} for m in ADAPTED}
         self._evaluator: SiteEvaluator | None = None
+        self._overlays: OverlayCases | None = None
+        self._mixtures = MixtureMeter()  # of the pass that is reported (see module doc)
         self._steps = 0
         self.test_results: list[dict] = []
 
     @staticmethod
-    def _check_args(gate, start, norm, shape_loss, eval_mode, baselines, lr, noise_std) -> None:
+    def _check_args(gate, start, norm, shape_loss, eval_mode, baselines, lr, noise_std,
+                    overlay_cases) -> None:
         """Fail at construction on an unknown choice or a bad number."""
         _choice("gate", gate, GATES)
         _choice("start", start, STARTS)
@@ -162,6 +176,8 @@ class RoutingModule(pl.LightningModule):
             raise ValueError(f"lr must be positive, got {lr}")
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        if overlay_cases < 0:
+            raise ValueError(f"overlay_cases must be >= 0, got {overlay_cases}")
 
     def adapted_nets(self) -> dict[str, nn.Module]:
         """The nets fitted at test time, by result name."""
@@ -213,6 +229,10 @@ class RoutingModule(pl.LightningModule):
         self._steps = 0
         for store in self._online.values():
             store.clear()
+        set_mixture_recording(self.net, True)
+
+    def on_train_epoch_start(self) -> None:
+        self._mixtures.reset()  # online mode reports the last pass: average its mixtures only
 
     def on_fit_end(self) -> None:
         """Refuse a fit that saw no image (an empty target) instead of reporting step 0."""
@@ -269,12 +289,18 @@ class RoutingModule(pl.LightningModule):
             for name, net in self.adapted_nets().items():
                 preds = net(batch["image"]).argmax(1).to(torch.uint8).cpu()
                 self._online[name].update(zip(keys, preds, strict=True))
+                if name == "routed":
+                    self._mixtures.update(net, len(keys))
         finally:
             self.train()
 
     # ------------------------------------------------------------ evaluation (labels)
     def on_test_start(self) -> None:
         self._evaluator = SiteEvaluator(self.num_classes, hd95=True)
+        self._overlays = OverlayCases(self.hparams.overlay_cases, num_classes=self.num_classes)
+        if self.hparams.eval_mode == "offline":
+            self._mixtures.reset()
+            set_mixture_recording(self.net, True)
         self._dev_states = to_device(self._states, self.device)
         self._dev_uniform = to_device([self._uniform], self.device)[0]
         if self.hparams.eval_mode == "online" and not self._online["routed"]:
@@ -306,23 +332,29 @@ class RoutingModule(pl.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         site, image = self._site(dataloader_idx), batch["image"]
-        nets = self.adapted_nets()
+        nets, online = self.adapted_nets(), self.hparams.eval_mode == "online"
+        logits: dict[str, Tensor] = {}
         for name in [*self.baselines, "routed"]:
             if name in ADAPTED:
-                logits = (self._online_logits(name, batch) if self.hparams.eval_mode == "online"
-                          else nets[name](image))
+                logits[name] = self._online_logits(name, batch) if online else nets[name](image)
+                if name == "routed" and not online:
+                    self._mixtures.update(self.net, image.shape[0])
             else:
-                logits = self._baseline_logits(name, image)
-            self._evaluator.update(site, name, logits, batch)
+                logits[name] = self._baseline_logits(name, image)
+            self._evaluator.update(site, name, logits[name], batch)
+        self._overlays.update(site, batch, logits)
 
     def on_test_epoch_end(self) -> None:
         rows = self._evaluator.rows() if self._evaluator is not None else []
         self._evaluator = None
-        for row in rows:
-            for metric in ("dice", "hd95"):
-                self.log(f"test/{row['site']}/{row['model']}/{metric}", row[metric])
-        for name, value in means_by_model(rows).items():
-            self.log(f"test/{name}", value)
+        log_rows(self, "test", rows)
         self.test_results = rows
-        if rows and self.trainer.is_global_zero and self.trainer.log_dir:
-            write_results(rows, self.trainer.log_dir, title="Outside personalization")
+        mixtures = self._mixtures.mean()
+        figures = {}
+        if mixtures:
+            sites = ", ".join(dict.fromkeys(r["site"] for r in rows))
+            figures["routing_weights"] = routing_heatmap(
+                mixtures, expert_names=[*self.inside_sites, "global"],
+                title=f"Mean routing weights on {sites}")
+        report_test(self, rows, "Outside personalization", self._overlays, figures)
+        self._overlays = None

@@ -13,10 +13,10 @@ import lightning.pytorch as pl
 import torch
 from torch.func import functional_call
 
-from iopfl_lightning.modules.evaluation import SiteEvaluator, means_by_model
+from iopfl_lightning.modules.evaluation import SiteEvaluator, log_rows, report_test
 from iopfl_lightning.modules.losses import LossName, SegmentationLoss
 from iopfl_lightning.nets import build_from_spec, net_spec
-from iopfl_lightning.results import write_results
+from iopfl_lightning.viz.collect import OverlayCases
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class SegmentationModule(pl.LightningModule):
     compile: run the training forward through ``torch.compile`` (evaluation, which swaps in
         the personalized copies with ``functional_call``, stays eager). State dict keys and
         parameters are the net's own, so checkpoints and the FederatedTrainer are unaffected.
+    overlay_cases: test cases per site drawn in the run folder's ``overlays.png`` (their
+        slice with the largest ground-truth area, every evaluated model); 0 draws none.
     """
 
     def __init__(
@@ -51,16 +53,20 @@ class SegmentationModule(pl.LightningModule):
         channels_last: bool = False,
         val_hd95: bool = True,
         compile: bool = False,
+        overlay_cases: int = 2,
     ):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if overlay_cases < 0:
+            raise ValueError(f"overlay_cases must be >= 0, got {overlay_cases}")
         self.save_hyperparameters()
         self.loss_fn = SegmentationLoss(loss)
         self.net: torch.nn.Module | None = None
         self.net_spec: dict | None = None
         self.personalized_states: dict[str, dict[str, torch.Tensor]] = {}
         self._evaluator: SiteEvaluator | None = None
+        self._overlays: OverlayCases | None = None
         if in_channels is not None and num_classes is not None:
             self._build(in_channels, num_classes)
 
@@ -136,10 +142,14 @@ class SegmentationModule(pl.LightningModule):
                 self.hparams.num_classes, hd95=stage == "test" or self.hparams.val_hd95
             )
         site = self._site(stage, dataloader_idx)
-        self._evaluator.update(site, "global", self(batch["image"]), batch)
+        logits = {"global": self(batch["image"])}
         state = self.personalized_states.get(site)
         if state is not None:
-            self._evaluator.update(site, "personalized", self(batch["image"], state), batch)
+            logits["personalized"] = self(batch["image"], state)
+        for model, scores in logits.items():
+            self._evaluator.update(site, model, scores, batch)
+        if stage == "test" and self._overlays is not None:
+            self._overlays.update(site, batch, logits)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("val", batch, dataloader_idx)
@@ -150,13 +160,7 @@ class SegmentationModule(pl.LightningModule):
     def _collect(self, stage: str) -> list[dict]:
         rows = self._evaluator.rows() if self._evaluator is not None else []
         self._evaluator = None
-        for row in rows:
-            for metric in ("dice", "hd95"):
-                self.log(f"{stage}/{row['site']}/{row['model']}/{metric}", row[metric], add_dataloader_idx=False)
-        for name, value in means_by_model(rows).items():
-            self.log(
-                f"{stage}/{name}", value, prog_bar=name.endswith("dice_mean"), add_dataloader_idx=False
-            )
+        log_rows(self, stage, rows, hd95=stage == "test" or self.hparams.val_hd95)
         return rows
 
     def on_validation_epoch_end(self) -> None:
@@ -165,8 +169,12 @@ class SegmentationModule(pl.LightningModule):
         elif self._evaluator is not None:
             self._evaluator = None
 
+    def on_test_start(self) -> None:
+        self._overlays = OverlayCases(self.hparams.overlay_cases,
+                                      num_classes=self.hparams.num_classes)
+
     def on_test_epoch_end(self) -> None:
         rows = self._collect("test")
         self.test_results = rows
-        if rows and self.trainer.is_global_zero:
-            write_results(rows, self.trainer.log_dir, title="Test results")
+        report_test(self, rows, "Test results", self._overlays)
+        self._overlays = None

@@ -47,11 +47,27 @@ def _labels(value, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def _column(value, name: str, shape: tuple[int, ...]) -> list[np.ndarray | None]:
+    """One model's predictions as a list of [H, W] maps; a list may hold None for a slice the
+    model did not predict (its panel shows the ground truth only)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != shape[0]:
+            raise ValueError(f"{name} has {len(value)} entries for {shape[0]} slices")
+        return [None if v is None else _labels(v, f"{name}[{i}]", shape[1:])
+                for i, v in enumerate(value)]
+    return list(_labels(value, name, shape))
+
+
 def _contour(ax: Axes, region: np.ndarray, color: str, style: str, width: float) -> None:
-    """Outline of a boolean region; nothing for an empty or full one (no level to draw)."""
-    if region.any() and not region.all():
-        ax.contour(region.astype(np.float32), levels=[0.5], colors=[color],
-                   linestyles=[style], linewidths=width)
+    """Outline of a boolean region (nothing for an empty one). The region is padded with
+    background so a region touching the border, or filling the image, is still outlined."""
+    if not region.any():
+        return
+    padded = np.pad(region.astype(np.float32), 1)
+    # the padding sits 0.6 px outside the border so its outline runs just inside the image
+    ys, xs = (np.concatenate([[-0.6], np.arange(n), [n - 0.4]]) for n in region.shape)
+    ax.contour(xs, ys, padded, levels=[0.5], colors=[color], linestyles=[style],
+               linewidths=width)
 
 
 def slice_dice(mask: np.ndarray, pred: np.ndarray, classes: Sequence[int]) -> float:
@@ -64,15 +80,19 @@ def slice_dice(mask: np.ndarray, pred: np.ndarray, classes: Sequence[int]) -> fl
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def _panel(ax: Axes, image: np.ndarray, mask: np.ndarray, pred: np.ndarray,
+def _panel(ax: Axes, image: np.ndarray, mask: np.ndarray, pred: np.ndarray | None,
            classes: Sequence[int], width: float, show_dice: bool) -> None:
     low, high = np.percentile(image, [1, 99])
     ax.imshow(image, cmap="gray", vmin=low, vmax=max(high, low + 1e-6), interpolation="nearest")
     for c, style in zip(classes, LINESTYLES, strict=False):
         _contour(ax, mask == c, MASK_COLOR, style, width)
-        _contour(ax, pred == c, PRED_COLOR, style, width)
-    if show_dice:
-        ax.text(0.02, 0.02, f"Dice {slice_dice(mask, pred, classes):.2f}", transform=ax.transAxes,
+        if pred is not None:
+            _contour(ax, pred == c, PRED_COLOR, style, width)
+    ax.set_xlim(-0.5, image.shape[1] - 0.5)  # contours of border regions must not widen it
+    ax.set_ylim(image.shape[0] - 0.5, -0.5)
+    note = "not evaluated" if pred is None else f"Dice {slice_dice(mask, pred, classes):.2f}"
+    if show_dice or pred is None:
+        ax.text(0.02, 0.02, note, transform=ax.transAxes,
                 color="white", fontsize=8, va="bottom",
                 bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "linewidth": 0})
     ax.set_xticks([])
@@ -112,27 +132,30 @@ def overlay_grid(
         masks: [N, H, W] integer ground-truth label maps (0 = background).
         preds: [N, H, W] integer predicted label maps, or a mapping ``{model: [N, H, W]}``:
             then every slice is a row and every model a column (global vs personalized ...).
+            A model's entry may also be a list of N [H, W] maps with None where that model
+            has no prediction (the panel then shows the ground truth only).
         titles: one per slice (panel titles; row labels with several models).
         class_names: names of the labels (``class_names[c]``), shown in the legend when there
             are several foreground classes.
         num_classes: foreground classes drawn are 1..num_classes-1 (default: the largest label).
         ncols: panels per row for a single prediction set (default up to 4).
         show_dice: write each panel's foreground Dice in its corner.
+        suptitle: figure title (drawn above the legend).
     """
     gray = _gray(images, channel)
     masks = _labels(masks, "masks", gray.shape)
     columns = dict(preds) if isinstance(preds, Mapping) else {"": preds}
     if not columns:
         raise ValueError("preds is an empty mapping: give at least one model's predictions")
-    columns = {name: _labels(p, f"preds[{name!r}]" if name else "preds", gray.shape)
+    columns = {name: _column(p, f"preds[{name!r}]" if name else "preds", gray.shape)
                for name, p in columns.items()}
     count = gray.shape[0]
     if count == 0:
         raise ValueError("no slices to draw (images has N = 0)")
     if titles is not None and len(titles) != count:
         raise ValueError(f"titles has {len(titles)} entries for {count} slices")
-    top = num_classes - 1 if num_classes else max(int(masks.max()),
-                                                  *(int(p.max()) for p in columns.values()), 1)
+    found = [int(p.max()) for col in columns.values() for p in col if p is not None]
+    top = num_classes - 1 if num_classes else max(int(masks.max()), *found, 1)
     classes = list(range(1, top + 1))
     cells = _layout(count, list(columns), ncols)
     rows, cols = max(r for r, _, _, _ in cells) + 1, max(c for _, c, _, _ in cells) + 1
@@ -146,9 +169,8 @@ def overlay_grid(
         _panel(ax, gray[i], masks[i], columns[model][i], classes, linewidth, show_dice)
         _label(ax, r, c, model, titles[i] if titles is not None else None)
     fig.legend(handles=_legend_handles(classes, class_names), loc="outside upper center",
-               ncols=2 + (len(classes) if len(classes) > 1 else 0), fontsize=9, frameon=False)
-    if suptitle:
-        fig.suptitle(suptitle)
+               ncols=2 + (len(classes) if len(classes) > 1 else 0), fontsize=9, frameon=False,
+               title=suptitle, title_fontproperties={"size": 11, "weight": "bold"})
     return fig
 
 
