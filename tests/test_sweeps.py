@@ -7,7 +7,8 @@ Each sweep's ``command`` is expanded the way ``wandb agent`` expands it (wandb's
   is accepted by the CLI parser, lands at its key in the resolved config (``--print_config``),
   and is accepted by the constructor of the class it configures;
 - for the sweeps over generated sites, one seeded sampled combination runs a tiny fit on the
-  experiment's tiny twin with the sweep's wandb logger (offline) and logs the sweep's metric.
+  experiment's tiny twin with the experiment's (wandb) logger, offline, and logs the sweep's
+  metric.
 """
 
 from __future__ import annotations
@@ -177,30 +178,39 @@ def test_every_value_parses_and_constructs(path: Path, routing_space: Path, caps
 FIT_SWEEPS = [p for p in SWEEPS if set(_load(p)["command"]) & set(TWINS)]
 
 
+def _logger_class(config: Path) -> str:
+    logger = (_load(config).get("trainer") or {}).get("logger")
+    assert isinstance(logger, dict) and "class_path" in logger, f"{config}: trainer.logger"
+    return logger["class_path"]
+
+
 @pytest.mark.parametrize("path", FIT_SWEEPS, ids=lambda p: p.stem)
 def test_sampled_combination_runs_a_tiny_fit(path, routing_space, tmp_path, monkeypatch):
+    """The twin replaces the experiment config but logs with the experiment's logger class
+    (wandb, offline here), as the sweep's runs do."""
     sweep = _load(path)
     monkeypatch.chdir(tmp_path)  # the configs' relative run folders land in tmp_path
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
     monkeypatch.setenv("WANDB_SILENT", "true")
     rng = random.Random(0)
     values = {name: _sample(spec, rng) for name, spec in sweep["parameters"].items()}
     if "model.init_args.routing_space" in values:
         values["model.init_args.routing_space"] = str(routing_space)
     configs = _repo_configs(sweep)
-    configs.update({k: TINY_CONFIGS / twin for k, twin in TWINS.items() if k in configs})
+    (experiment,) = [k for k in configs if k in TWINS]
+    configs[experiment] = TINY_CONFIGS / TWINS[experiment]
+    argv = _argv(sweep, values, configs)
     try:
-        cli = main([*_argv(sweep, values, configs),
+        cli = main([*argv, f"--trainer.logger={_logger_class(REPO / experiment)}",
                     "--trainer.max_epochs=1", "--trainer.enable_checkpointing=false"])
     finally:
         wandb.finish()
     log_dir = Path(cli.trainer.log_dir).resolve()
-    assert log_dir.is_relative_to(tmp_path / "runs" / "sweeps"), log_dir
+    assert log_dir.is_relative_to(tmp_path), log_dir
     scores = _metric_values(log_dir, sweep["metric"]["name"])
     assert scores and all(0.0 <= s <= 1.0 for s in scores), scores
     assert (log_dir / "results.csv").is_file()
-    assert list((tmp_path / "runs" / "sweeps" / "wandb").glob("offline-run-*")), "no wandb run"
+    assert list(log_dir.rglob("offline-run-*")), f"no offline wandb run under {log_dir}"
     fed = [c for c in cli.trainer.callbacks if type(c).__name__ == "FederatedTrainer"]
     for name, given in values.items():
         arg = name.rsplit(".", 1)[1]
