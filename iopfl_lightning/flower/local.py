@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,9 @@ class SiteRuntime:
             num_workers=dm.num_workers, pin_memory=dm.pin_memory,
         )
         trainer = self._trainer(limit_val_batches=0)
-        trainer.fit(self.model, train_dataloaders=loader)
+        with warnings.catch_warnings():  # validation is the server's call, not a missing loader
+            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
+            trainer.fit(self.model, train_dataloaders=loader)
         return {k: v.detach().cpu().clone() for k, v in self.model.net.state_dict().items()}
 
     # ------------------------------------------------------------------ evaluation

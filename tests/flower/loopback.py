@@ -1,0 +1,171 @@
+"""A real Flower deployment on 127.0.0.1 for tests: one SuperLink, SuperNodes, ``flwr run``.
+
+Every process is started here with ``subprocess.Popen`` and stopped here by its own process id;
+the helpers they spawn (SuperExec, ``flwr-serverapp``, ``flwr-clientapp``) are found through
+``/proc`` as descendants of those ids (recorded before the parent is stopped, since an orphan
+loses its parent link) and stopped by id too. Insecure transport, loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def children_of() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    tree, out, todo = children_of(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Loopback:
+    """SuperLink + SuperNodes + ``flwr run`` under ``root`` (logs in ``root/logs``)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / "flwr_home"
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.helpers: set[int] = set()  # descendants seen so far, stopped by id at the end
+        self.env = {
+            **os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
+            "OMP_NUM_THREADS": "1", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(args, cwd=self.root, env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        self._start("superlink", [
+            str(VENV_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+            "--port", str(self.port), "--disable-runtime-dependency-installation",
+        ])
+        self.wait_for(lambda: _port_open(self.port), 60, "the SuperLink to listen")
+
+    def start_node(self, name: str, node_config: str) -> None:
+        self._start(name, [
+            str(VENV_BIN / "flower-supernode"), "--insecure",
+            "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+            "--node-config", node_config,
+        ])
+
+    def flwr_run(self, app: Path, run_config: str) -> subprocess.Popen:
+        return self._start("flwr_run", [
+            str(VENV_BIN / "flwr"), "run", str(app), "loopback", "--stream",
+            "--run-config", run_config,
+        ])
+
+    def running_clientapp(self, name: str) -> bool:
+        """Whether the node ``name`` is running a ClientApp process right now."""
+        pids = descendants(self.procs[name].pid)
+        self.helpers.update(pids)
+        return any("flwr-clientapp" in command_line(p) and alive(p) for p in pids)
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, wait: float = 20) -> None:
+        proc = self.procs[name]
+        self.helpers.update(descendants(proc.pid))
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def close(self) -> list[int]:
+        """Stops everything this object started; returns pids still alive afterwards."""
+        for name in ["flwr_run", *[n for n in self.procs if n not in ("flwr_run", "superlink")],
+                     "superlink"]:
+            if name in self.procs:
+                self.stop(name, wait=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(p) for p in self.helpers):
+            time.sleep(0.2)
+        for pid in self.helpers:
+            if alive(pid) and ("flwr" in command_line(pid) or "flower" in command_line(pid)):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        return [p for p in [*self.helpers, *(p.pid for p in self.procs.values())] if alive(p)]
+
+    def wait_for(self, condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            for proc in self.procs.values():
+                self.helpers.update(descendants(proc.pid))
+            superlink = self.procs.get("superlink")
+            if superlink is not None and superlink.poll() is not None:
+                raise RuntimeError(f"the SuperLink exited ({superlink.returncode}) while "
+                                   f"waiting for {what}:\n{self.tail('superlink')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n"
+                                   + "\n".join(self.tail(n) for n in self.procs))
+            time.sleep(0.25)
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        path = self.logs / f"{name}.log"
+        text = path.read_text(errors="replace").splitlines() if path.exists() else []
+        return f"--- {name} ---\n" + "\n".join(text[-lines:])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -1,0 +1,118 @@
+"""The ServerApp's main over an in-process grid of real ClientApps: aggregation, faults, resume."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import Message
+
+from iopfl_lightning.federated import UpdateAccumulator, read_routing_space
+from iopfl_lightning.fileio import safe_torch_load
+from iopfl_lightning.flower.client_app import make_client_app
+from iopfl_lightning.flower.records import record_to_state, reply_content
+from iopfl_lightning.flower.server_app import run_server
+from tests.flower.conftest import SITES, TINY_CONFIG, InProcessGrid, node_context, server_context
+
+RUN_CONFIG = {"config": TINY_CONFIG, "num-rounds": 2, "test-at-end": False,
+              "query-timeout": 5.0, "torch-threads": 1}
+
+
+def _grid(root, apps=None) -> InProcessGrid:
+    """Three SuperNode-like nodes (ids 100-102: BIDMC, HK, UCL), each with its site folder."""
+    app = make_client_app()
+    nodes = {}
+    for i, site in enumerate(SITES):
+        config = {"site-name": site, "site-dir": str(root / "sites" / site)}
+        nodes[100 + i] = ((apps or {}).get(site, app), node_context(100 + i, config, RUN_CONFIG))
+    return InProcessGrid(nodes)
+
+
+def _run(grid, out, **config):
+    return run_server(grid, server_context({**RUN_CONFIG, "out": str(out), **config}))
+
+
+def _train_calls(grid, round_no: int, action) -> None:
+    """Runs ``action(grid)`` when the train messages of ``round_no`` are about to go out, and
+    undoes node failures when anything else goes out."""
+    def hook(messages):
+        kinds = {m.metadata.message_type for m in messages}
+        rounds = {int(m.content["config"]["server-round"]) for m in messages if "train" in kinds}
+        if kinds == {"train"} and rounds == {round_no}:
+            action(grid)
+        elif kinds != {"train"}:
+            grid.broken.clear()
+            grid.down.clear()
+    grid.before_send = hook
+
+
+def _history(out) -> list[dict]:
+    return json.loads((out / "rounds.json").read_text())
+
+
+def test_round_completes_without_a_failed_site_and_aggregates_the_others(tmp_path):
+    grid = _grid(tmp_path)
+    _train_calls(grid, 2, lambda g: g.broken.add(102))  # UCL's node leaves during round 2
+    space = read_routing_space(_run(grid, tmp_path / "out"))
+    history = _history(tmp_path / "out")
+    assert history[0]["trained"] == SITES
+    assert history[1]["trained"] == ["BIDMC", "HK"] and history[1]["aggregated"]
+    assert history[1]["missing"] == [{"node": 102, "site": "UCL"}]
+    assert history[1]["errors"] == ["node left"]
+    assert space["sites"] == SITES and space["sample_counts"] == {s: 8 for s in SITES}
+
+    # round 2's global = the global it sent in round 2 + the weighted mean update of BIDMC, HK
+    sent_global = record_to_state(grid.delivered[3][1].content["arrays"])
+    accumulator = UpdateAccumulator(sent_global, set(_params()))
+    for _, reply in grid.sent[3:5]:
+        accumulator.add(record_to_state(reply.content["arrays"]), 8.0)
+    expected = {**accumulator.mean_buffers(),
+                **{k: sent_global[k] + d for k, d in accumulator.mean_delta().items()}}
+    for key, value in space["global"].items():
+        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
+
+
+def _params() -> list[str]:
+    from iopfl_lightning.flower.experiment import load_experiment
+
+    return [k for k, _ in load_experiment(TINY_CONFIG).model.net.named_parameters()]
+
+
+def test_too_few_replies_leave_the_global_model_unchanged(tmp_path):
+    grid = _grid(tmp_path)
+    _train_calls(grid, 2, lambda g: g.down.update({101, 102}))  # two of three never answer
+    _run(grid, tmp_path / "out", **{"min-replies": 2})
+    history = _history(tmp_path / "out")
+    assert not history[1]["aggregated"]
+    assert [m["site"] for m in history[1]["missing"]] == ["HK", "UCL"]
+    assert safe_torch_load(tmp_path / "out" / "checkpoint.pt")["round"] == 2
+
+
+def test_nonfinite_update_is_left_out(tmp_path):
+    app = make_client_app()
+
+    def nan_client(message: Message, context):
+        reply = app(message, context)
+        if message.metadata.message_type != "train":
+            return reply
+        state = record_to_state(reply.content["arrays"])
+        state["head.bias"] = torch.full_like(state["head.bias"], float("nan"))
+        return Message(reply_content(state, dict(reply.content["metrics"])), reply_to=message)
+
+    space = read_routing_space(_run(_grid(tmp_path, {"HK": nan_client}), tmp_path / "out"))
+    assert [r["nonfinite"] for r in _history(tmp_path / "out")] == [["HK"], ["HK"]]
+    assert all(torch.isfinite(v).all() for v in space["global"].values() if v.is_floating_point())
+
+
+def test_server_resumes_from_its_checkpoint_and_refuses_to_overwrite_it(tmp_path):
+    straight = read_routing_space(_run(_grid(tmp_path / "a"), tmp_path / "a" / "out"))
+    _run(_grid(tmp_path / "b"), tmp_path / "b" / "out", **{"num-rounds": 1})
+    with pytest.raises(FileExistsError, match="resume=true"):
+        _run(_grid(tmp_path / "b"), tmp_path / "b" / "out")
+    resumed = read_routing_space(_run(_grid(tmp_path / "b"), tmp_path / "b" / "out",
+                                      resume=True))
+    assert resumed["rounds"] == 2
+    for key, value in straight["global"].items():
+        assert torch.equal(value, resumed["global"][key]), key
+    for site in SITES:  # the clients found their copies of the same federation on disk
+        for key, value in straight["personalized"][site].items():
+            assert torch.equal(value, resumed["personalized"][site][key]), (site, key)
