@@ -76,8 +76,8 @@ def _warn_overridden(model_config: Any, hparams: dict, ckpt_path: str) -> None:
     given = dict(vars(init_args))
     changed = {k: (given[k], v) for k, v in hparams.items() if k in given and given[k] != v}
     for key, (now, saved) in changed.items():
-        log.warning("--ckpt_path %s: model %s=%r is ignored, the checkpoint's %r is used",
-                    ckpt_path, key, now, saved)
+        log.warning("--ckpt_path %s: model %s=%r is ignored, the checkpoint's %r is used; "
+                    "to run with %r, start without --ckpt_path", ckpt_path, key, now, saved, now)
 
 
 def main(args: list[str] | None = None) -> IOPFLCLI:

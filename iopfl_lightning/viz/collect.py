@@ -87,7 +87,8 @@ class OverlayCases:
         )
 
     def figure(self, title: str | None = None) -> Figure | None:
-        """The overlay grid (a row per kept slice, a column per model), or None if empty.
+        """The overlay grid, or None if empty: one row per site when its kept slices fit
+        (each slice one column per model), else fewer slices per row.
         A model that a site was not evaluated with (no personalized copy for an outside site)
         leaves that panel with the ground truth only, labelled ``not evaluated``."""
         if not self._kept:
@@ -97,6 +98,8 @@ class OverlayCases:
         preds = {m: [k.preds.get(m) for k in kept] for m in models}
         titles = [f"{k.site} case {k.case}" + (f" slice {k.slice}" if k.slice >= 0 else "")
                   for k in kept]
+        per_site = max(sum(k.site == s for k in kept) for s in {k.site for k in kept})
+        ncols = per_site if per_site * len(models) <= 8 else max(1, 8 // len(models))
         return overlay_grid(torch.stack([k.image for k in kept]),
                             torch.stack([k.mask for k in kept]).long(), preds, titles,
-                            num_classes=self.num_classes, suptitle=title)
+                            num_classes=self.num_classes, ncols=ncols, suptitle=title)

@@ -138,7 +138,8 @@ def overlay_grid(
         class_names: names of the labels (``class_names[c]``), shown in the legend when there
             are several foreground classes.
         num_classes: foreground classes drawn are 1..num_classes-1 (default: the largest label).
-        ncols: panels per row for a single prediction set (default up to 4).
+        ncols: slices per row (each takes one column per model); default up to 4 slices for
+            a single prediction set, else as many as fit in about 6 columns.
         show_dice: write each panel's foreground Dice in its corner.
         suptitle: figure title (drawn above the legend).
     """
@@ -157,7 +158,8 @@ def overlay_grid(
     found = [int(p.max()) for col in columns.values() for p in col if p is not None]
     top = num_classes - 1 if num_classes else max(int(masks.max()), *found, 1)
     classes = list(range(1, top + 1))
-    cells = _layout(count, list(columns), ncols)
+    models = list(columns)
+    cells = _layout(count, models, ncols)
     rows, cols = max(r for r, _, _, _ in cells) + 1, max(c for _, c, _, _ in cells) + 1
     fig = new_figure(panel_inches * cols, panel_inches * rows + 0.5)
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -167,7 +169,7 @@ def overlay_grid(
         ax = axes[r, c]
         ax.set_axis_on()
         _panel(ax, gray[i], masks[i], columns[model][i], classes, linewidth, show_dice)
-        _label(ax, r, c, model, titles[i] if titles is not None else None)
+        _label(ax, r, model == models[0], model, titles[i] if titles is not None else None)
     fig.legend(handles=_legend_handles(classes, class_names), loc="outside upper center",
                ncols=2 + (len(classes) if len(classes) > 1 else 0), fontsize=9, frameon=False,
                title=suptitle, title_fontproperties={"size": 11, "weight": "bold"})
@@ -175,20 +177,22 @@ def overlay_grid(
 
 
 def _layout(count: int, models: list[str], ncols: int | None) -> list[tuple[int, int, int, str]]:
-    """(row, column, slice index, model) of every panel."""
-    if len(models) > 1 or models[0]:
-        return [(i, j, i, m) for i in range(count) for j, m in enumerate(models)]
-    width = ncols or min(count, 4)
-    return [(i // width, i % width, i, models[0]) for i in range(count)]
+    """(row, column, slice index, model) of every panel: ``ncols`` slices per row, each slice
+    taking one column per model (defaults: 4 slices, or as many as fit in about 6 columns)."""
+    width = len(models)
+    per_row = ncols or (min(count, 4) if width == 1 else max(1, min(count, 6 // width)))
+    return [(i // per_row, (i % per_row) * width + j, i, m)
+            for i in range(count) for j, m in enumerate(models)]
 
 
-def _label(ax: Axes, row: int, col: int, model: str, title: str | None) -> None:
-    """Model name over each column; the slice title on the panel (or left of its row)."""
+def _label(ax: Axes, row: int, first: bool, model: str, title: str | None) -> None:
+    """Model names over the first row; the slice title left of its first panel (or, for a
+    single unnamed prediction set, over each panel)."""
     if not model:
         if title:
             ax.set_title(title, fontsize=9)
         return
     if row == 0:
         ax.set_title(model, fontsize=10, fontweight="bold")
-    if col == 0 and title:
+    if first and title:
         ax.set_ylabel(title, fontsize=8)

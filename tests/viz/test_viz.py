@@ -43,6 +43,16 @@ def test_overlay_grid_draws_image_mask_and_prediction_contours_per_model():
     assert [t.get_text() for t in axes[0].texts] == ["Dice 0.59"]  # 2 * 25 / (36 + 49)
 
 
+def test_overlay_grid_wraps_slices_keeping_each_slice_models_together():
+    masks = _square(4, 4, 10)
+    fig = overlay_grid(torch.rand(4, 16, 16), masks, {"global": masks, "routed": masks},
+                       titles=list("abcd"), ncols=2)
+    grid = fig.axes[0].get_subplotspec().get_gridspec()
+    assert (grid.nrows, grid.ncols) == (2, 4)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["a", "", "b", "", "c", "", "d", ""]
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["global", "routed"] * 2
+
+
 def test_overlay_grid_single_prediction_set_empty_masks_and_several_classes():
     masks = np.zeros((5, 16, 16), dtype=np.int64)  # empty: no contour, no error
     masks[1, 2:6, 2:6], masks[1, 3:5, 3:5] = 1, 2
