@@ -44,7 +44,7 @@ def test_routing_writes_the_heatmap_of_the_reported_pass(tmp_path, mode):
     space = write_space(tmp_path / "routing_space.pt")
     pl.seed_everything(0, verbose=False)
     module = RoutingModule(space, eval_mode=mode, baselines=["global"], overlay_cases=1)
-    trainer = tiny_trainer(2, [], tmp_path / "run")
+    trainer = tiny_trainer(2 if mode == "online" else 1, [], tmp_path / "run")
     trainer.fit(module, datamodule=outside_dm())
     trainer.test(module, datamodule=outside_dm(), verbose=False)
     means = module._mixtures.mean()
