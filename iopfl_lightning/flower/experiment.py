@@ -18,6 +18,7 @@ onto the Flower adapter; other settings are refused with an error naming the fil
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,12 +95,17 @@ def _parse(path: str, args: list[str]):
             return None
 
     try:
-        return ConfigOnlyCLI(
-            LightningModule, MultiSiteDataModule, subclass_mode_model=True, run=False,
-            args=args, auto_configure_optimizers=False, parser_kwargs={"exit_on_error": False},
-        )
+        with warnings.catch_warnings():  # a ClientApp's own argv is not ours to parse
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+            return ConfigOnlyCLI(
+                LightningModule, MultiSiteDataModule, subclass_mode_model=True, run=False,
+                args=args, auto_configure_optimizers=False,
+                parser_kwargs={"exit_on_error": False},
+            )
     except SystemExit as err:  # argparse's way of reporting a bad file
         raise ValueError(f"{path}: not a valid experiment config (exit {err.code})") from err
+    except Exception as err:
+        raise ValueError(f"{path}: not a valid experiment config: {err}") from err
 
 
 def _check_federation(path: str, fed: Any) -> None:

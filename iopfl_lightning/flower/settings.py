@@ -46,7 +46,6 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "query-timeout": 600.0,
     "site-root": "",
 }
-NODE_CONFIG_KEYS = ("site-name", "partition-id", "num-partitions", "site-dir", "config", "data-root")
 
 
 @dataclass(frozen=True)

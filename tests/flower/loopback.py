@@ -113,11 +113,11 @@ class Loopback:
             "--run-config", run_config,
         ])
 
-    def running_clientapp(self, name: str) -> bool:
-        """Whether the node ``name`` is running a ClientApp process right now."""
+    def clientapps(self, name: str) -> set[int]:
+        """Pids of the ClientApp processes the node ``name`` is running right now."""
         pids = descendants(self.procs[name].pid)
         self.helpers.update(pids)
-        return any("flwr-clientapp" in command_line(p) and alive(p) for p in pids)
+        return {p for p in pids if "flwr-clientapp" in command_line(p) and alive(p)}
 
     def stop(self, name: str, sig: int = signal.SIGTERM, wait: float = 20) -> None:
         proc = self.procs[name]

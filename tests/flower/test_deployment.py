@@ -41,7 +41,8 @@ def test_loopback_deployment_survives_a_node_and_writes_the_routing_space(tmp_pa
             "min-replies=2 min-available=3 test-at-end=false torch-threads=1 query-timeout=120.0"
         ))
         net.wait_for(lambda: len(_rounds(out)) >= 1, 180, "round 1")
-        net.wait_for(lambda: net.running_clientapp("UCL"), 60, "UCL's round-2 ClientApp")
+        round1 = net.clientapps("UCL")  # round 1's process may still be exiting: not that one
+        net.wait_for(lambda: net.clientapps("UCL") - round1, 60, "UCL's round-2 ClientApp")
         net.stop("UCL", signal.SIGTERM)
         net.start_node("UCL-restarted", _node_config("UCL", tmp_path))
         net.wait_for(lambda: run.poll() is not None, 180, "flwr run to finish")
