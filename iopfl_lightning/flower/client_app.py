@@ -62,7 +62,9 @@ def _federation(message: Message) -> str:
     return str(config["federation"])
 
 
-def handle_train(message: Message, context: Context, overrides: Mapping[str, Any] | None) -> Message:
+def handle_train(
+    message: Message, context: Context, overrides: Mapping[str, Any] | None
+) -> Message:
     from iopfl_lightning.federated.personalize import ema_update
     from iopfl_lightning.federated.state import all_finite
     from iopfl_lightning.flower.records import record_to_state, state_to_record
@@ -130,8 +132,10 @@ def handle_query_personalized(
                           " (this site never finished a round)")
     content = RecordDict({
         ARRAYS: personal.arrays,
-        METRICS: metric_record({"client-index": personal.client_index,
-                                "last-round": max(personal.rounds), "updates": len(personal.rounds)}),
+        METRICS: metric_record({
+            "client-index": personal.client_index, "last-round": max(personal.rounds),
+            "updates": len(personal.rounds),
+        }),
     })
     check_outgoing(content, None)
     return Message(content, reply_to=message)

@@ -110,8 +110,11 @@ def _parse(path: str, args: list[str]):
 
 def _check_federation(path: str, fed: Any) -> None:
     """Settings the Flower adapter implements; anything else is refused, not ignored."""
-    wanted = {"method": ("iopfl", fed.method.name), "optimizer_state": ("reset", fed.optimizer_state),
-              "norm_policy": ("average", fed.norm_policy)}
+    wanted = {
+        "method": ("iopfl", fed.method.name),
+        "optimizer_state": ("reset", fed.optimizer_state),
+        "norm_policy": ("average", fed.norm_policy),
+    }
     for key, (supported, value) in wanted.items():
         if value != supported:
             raise ValueError(

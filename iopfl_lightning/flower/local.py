@@ -64,7 +64,7 @@ class SiteRuntime:
         self.num_examples = int(self.datamodule.client_sample_counts()[0])
         self.reference = clone_state(self.model.net.state_dict())
         fed = experiment.federation
-        self.alpha, self.local_epochs, self.on_nonfinite = fed.alpha, fed.local_epochs, fed.on_nonfinite
+        self.alpha, self.local_epochs = fed.alpha, fed.local_epochs
         self._root = str(folder) if folder is not None else tempfile.mkdtemp(prefix="iopfl-site-")
 
     # ------------------------------------------------------------------ training

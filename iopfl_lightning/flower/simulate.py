@@ -28,6 +28,7 @@ def simulate(
     """Runs the simulation; returns ``<out>/routing_space.pt``. ``run_config`` takes the other
     run config keys with underscores (``min_replies=2``, ``test_at_end=False``...)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     from flwr.simulation import run_simulation
 
     from iopfl_lightning.flower.client_app import make_client_app

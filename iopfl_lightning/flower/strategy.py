@@ -60,7 +60,8 @@ class IOPFLStrategy(FedAvg):
         )
         self.global_state, self.param_keys, self.server = global_state, param_keys, server
         self.sites, self.min_replies, self.on_nonfinite = sites, min_replies, on_nonfinite
-        self.round_offset, self.final_round, self.test_at_end = round_offset, final_round, test_at_end
+        self.round_offset, self.final_round = round_offset, final_round
+        self.test_at_end = test_at_end
         self.on_round = on_round
         self.node_sites: dict[int, str] = {}  # learned from replies
         self.sample_counts: dict[str, int] = {}
@@ -170,7 +171,9 @@ class IOPFLStrategy(FedAvg):
             return []
         return super().configure_evaluate(round_no, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         rows = []
         for msg in replies:
             if msg.has_error():

@@ -30,7 +30,8 @@ def test_simulation_matches_the_in_process_engine(tmp_path):
     assert space["sites"] == engine.sites == SITES and space["rounds"] == engine.round == 2
     differences = [_max_difference(engine.global_state, space["global"])]
     for client, site in enumerate(SITES):
-        differences.append(_max_difference(engine.personalized[client], space["personalized"][site]))
+        copy = space["personalized"][site]
+        differences.append(_max_difference(engine.personalized[client], copy))
     assert max(differences) <= 1e-6, differences
     weight = "encoder1.conv1.weight"  # the copies are genuinely personal
     assert not torch.equal(space["personalized"]["HK"][weight], space["global"][weight])
