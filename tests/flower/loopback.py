@@ -141,10 +141,10 @@ class Loopback:
         while time.monotonic() < deadline and any(alive(p) for p in self.helpers):
             time.sleep(0.2)
         for pid in self.helpers:
-            if alive(pid) and ("flwr" in command_line(pid) or "flower" in command_line(pid)):
+            if _ours(pid):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
-        return [p for p in [*self.helpers, *(p.pid for p in self.procs.values())] if alive(p)]
+        return [p for p in [*self.helpers, *(p.pid for p in self.procs.values())] if _ours(p)]
 
     def wait_for(self, condition, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -164,6 +164,12 @@ class Loopback:
         path = self.logs / f"{name}.log"
         text = path.read_text(errors="replace").splitlines() if path.exists() else []
         return f"--- {name} ---\n" + "\n".join(text[-lines:])
+
+
+def _ours(pid: int) -> bool:
+    """Alive and still a Flower process (a recorded pid may since belong to someone else)."""
+    line = command_line(pid)
+    return alive(pid) and ("flwr" in line or "flower" in line)
 
 
 def _port_open(port: int) -> bool:
