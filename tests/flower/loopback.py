@@ -120,31 +120,44 @@ class Loopback:
         self.helpers.update(pids)
         return {p for p in pids if "flwr-clientapp" in command_line(p) and alive(p)}
 
-    def stop(self, name: str, sig: int = signal.SIGTERM, wait: float = 20) -> None:
-        proc = self.procs[name]
-        self.helpers.update(descendants(proc.pid))
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    def kill_machine(self, name: str) -> None:
+        """The site's machine goes down: SIGTERM to the SuperNode and every process under it
+        (its SuperExec and running ClientApp), all at once."""
+        tree = descendants(self.procs[name].pid)
+        self.helpers.update(tree)
+        for pid in [self.procs[name].pid, *tree]:
+            if _ours(pid):
+                os.kill(pid, signal.SIGTERM)
+        self._reap([name], wait=20)
 
     def close(self) -> list[int]:
-        """Stops everything this object started; returns pids still alive afterwards."""
-        for name in ["flwr_run", *[n for n in self.procs if n not in ("flwr_run", "superlink")],
-                     "superlink"]:
-            if name in self.procs:
-                self.stop(name, wait=10)
+        """Stops everything this object started (SuperNodes first, then the SuperLink); returns
+        the Flower pids still alive afterwards."""
+        nodes = [n for n in self.procs if n != "superlink"]
+        for group in (nodes, ["superlink"]):
+            for name in group:
+                self.helpers.update(descendants(self.procs[name].pid))
+                if self.procs[name].poll() is None:
+                    self.procs[name].send_signal(signal.SIGTERM)
+            self._reap(group, wait=10)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(alive(p) for p in self.helpers):
+        while time.monotonic() < deadline and any(_ours(p) for p in self.helpers):
             time.sleep(0.2)
         for pid in self.helpers:
             if _ours(pid):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
         return [p for p in [*self.helpers, *(p.pid for p in self.procs.values())] if _ours(p)]
+
+    def _reap(self, names: list[str], wait: float) -> None:
+        deadline = time.monotonic() + wait
+        for name in names:
+            proc = self.procs[name]
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
     def wait_for(self, condition, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

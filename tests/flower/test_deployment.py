@@ -1,14 +1,14 @@
 """A real deployment on 127.0.0.1: SuperLink, three SuperNodes (one per site), ``flwr run``.
 
-Two rounds on the tiny synthetic sites of tests/configs/demo_tiny.yaml. In round 2 the UCL
-SuperNode is stopped while its ClientApp is running: the round completes with the two other
+Two rounds on the tiny synthetic sites of tests/configs/demo_tiny.yaml. In round 2 UCL's
+machine goes down (SIGTERM to its SuperNode and every process under it) while its ClientApp is
+training: the round completes with the two other
 sites (min-replies 2) and names UCL as missing. A new UCL SuperNode on the same site folder
 then answers the final query with the personalized copy it finds on disk (from round 1). The
 routing space written at the end is checked, and every process started is stopped by its id.
 """
 
 import json
-import signal
 
 import torch
 
@@ -43,7 +43,7 @@ def test_loopback_deployment_survives_a_node_and_writes_the_routing_space(tmp_pa
         net.wait_for(lambda: len(_rounds(out)) >= 1, 180, "round 1")
         round1 = net.clientapps("UCL")  # round 1's process may still be exiting: not that one
         net.wait_for(lambda: net.clientapps("UCL") - round1, 60, "UCL's round-2 ClientApp")
-        net.stop("UCL", signal.SIGTERM)
+        net.kill_machine("UCL")
         net.start_node("UCL-restarted", _node_config("UCL", tmp_path))
         net.wait_for(lambda: run.poll() is not None, 180, "flwr run to finish")
         assert run.returncode == 0, net.tail("flwr_run", 80)
