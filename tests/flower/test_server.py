@@ -17,13 +17,15 @@ RUN_CONFIG = {"config": TINY_CONFIG, "num-rounds": 2, "test-at-end": False,
               "query-timeout": 5.0, "torch-threads": 1}
 
 
-def _grid(root, apps=None) -> InProcessGrid:
-    """Three SuperNode-like nodes (ids 100-102: BIDMC, HK, UCL), each with its site folder."""
+def _grid(root, apps=None, **run_config) -> InProcessGrid:
+    """Three SuperNode-like nodes (ids 100-102: BIDMC, HK, UCL), each with its site folder;
+    ``run_config`` is what ``_run`` gets too (a run's config is the same on every node)."""
     app = make_client_app()
     nodes = {}
     for i, site in enumerate(SITES):
         config = {"site-name": site, "site-dir": str(root / "sites" / site)}
-        nodes[100 + i] = ((apps or {}).get(site, app), node_context(100 + i, config, RUN_CONFIG))
+        context = node_context(100 + i, config, {**RUN_CONFIG, **run_config})
+        nodes[100 + i] = ((apps or {}).get(site, app), context)
     return InProcessGrid(nodes)
 
 
@@ -116,3 +118,22 @@ def test_server_resumes_from_its_checkpoint_and_refuses_to_overwrite_it(tmp_path
     for site in SITES:  # the clients found their copies of the same federation on disk
         for key, value in straight["personalized"][site].items():
             assert torch.equal(value, resumed["personalized"][site][key]), (site, key)
+
+
+def test_its_routing_space_drives_an_outside_site_through_the_cli(tmp_path):
+    import yaml
+
+    from tests.helpers import fit_rows
+
+    config = yaml.safe_load(open(TINY_CONFIG))
+    config["data"]["outside"] = ["UCL"]  # the federation is BIDMC and HK; UCL stays outside
+    variant = tmp_path / "inside.yaml"
+    variant.write_text(yaml.safe_dump(config))
+    grid = _grid(tmp_path, config=str(variant))
+    del grid.nodes[102]
+    space = _run(grid, tmp_path / "out", config=str(variant), **{"num-rounds": 1})
+    assert read_routing_space(space)["sites"] == ["BIDMC", "HK"]
+    rows = fit_rows("outside_demo_tiny.yaml", tmp_path, "--data.outside", "[UCL]",
+                    "--model.routing_space", str(space), "--trainer.max_epochs", "1")
+    assert [(r["site"], r["model"]) for r in rows] == [
+        ("UCL", m) for m in ("global", "uniform", "ensemble", "tent", "routed")]
