@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import torch
 from common import MemoryMeter, Stopwatch, autocast, summary, sync, time_methods
+from lightning.pytorch.profilers import SimpleProfiler
 from torch.utils.data import DataLoader
 
 from iopfl_lightning.data import MultiSiteDataModule
@@ -49,6 +50,7 @@ class FedConfig:
     compile: bool = False
     pin_memory: bool = False
     seed: int = 0
+    profile: bool = False  # Lightning SimpleProfiler: where a round's host time goes
 
 
 def make_datamodule(cfg: FedConfig) -> MultiSiteDataModule:
@@ -119,6 +121,7 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
     methods = time_methods(fed, ["_start_client", "_finish_client", "_finish_round"], device,
                            when={"_finish_round": lambda: fed._accumulator is not None})
     shared: dict = {"rounds": [], "images": 0}
+    profiler = SimpleProfiler(extended=False) if cfg.profile else None
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -132,6 +135,7 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
             enable_model_summary=False,
             num_sanity_val_steps=0,
             default_root_dir=root,
+            profiler=profiler,
         )
         with MemoryMeter(device) as mem:
             trainer.fit(module, datamodule=dm)
@@ -146,6 +150,8 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
     total = sum(r["wall"] for r in shared["rounds"][1:]) * 1e3
     out["switch_agg_pct_of_round"] = 100.0 * overhead / total if total else float("nan")
     out["peak_mb"], out["peak_delta_mb"] = mem.peak_mb, mem.delta_mb
+    if profiler is not None:
+        out["profile"] = profiler.summary()
     return out
 
 

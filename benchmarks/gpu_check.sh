@@ -7,7 +7,9 @@
 #    routed step batch 16, 384x384, 6 experts) in bf16-mixed + channels_last, plus the engine
 #    in fp32 for reference;
 # 3. runs the GPU-relevant tests (benchmark on CUDA, federated callback, routed layers);
-# 4. if time is left (< 240 s so far), the federated rounds again with torch.compile.
+# 4. the federated rounds once more under Lightning's SimpleProfiler (host time per hook and
+#    loop step; not a throughput figure: the profiler adds its own overhead);
+# 5. if time is left (< 300 s so far), the federated rounds again with torch.compile.
 # Writes logs and JSON into $OUT (or the first argument). Run from the repository root:
 #   bash benchmarks/gpu_check.sh /tmp/gpu_check
 set -uo pipefail
@@ -33,7 +35,10 @@ echo "elapsed ${SECONDS}s"
 $PY -m pytest -q -p no:cacheprovider tests/test_benchmarks.py tests/federated \
   tests/nets/test_routed.py 2>&1 | tail -15 | tee "$OUT/tests.log" || status=1
 echo "elapsed ${SECONDS}s"
-if [ "$SECONDS" -lt 240 ]; then
+$PY benchmarks/run.py --preset paper --device cuda --workers 4 --only federated --profile \
+  --rounds 3 --out "$OUT/paper_profile.json" 2>&1 | head -60 | tee "$OUT/paper_profile.log" || status=1
+echo "elapsed ${SECONDS}s"
+if [ "$SECONDS" -lt 300 ]; then
   $PY benchmarks/run.py --preset paper --device cuda --workers 4 --only federated --compile \
     --rounds 4 --out "$OUT/paper_compile.json" 2>&1 | tee "$OUT/paper_compile.log" || status=1
 else

@@ -66,6 +66,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="also run the Lightning engine in fp32 without channels_last (same data)")
     p.add_argument("--only", choices=["federated", "routed", "loader"], default=None)
     p.add_argument("--sweep", action="store_true", help="scaling sweep (clients, size, experts)")
+    p.add_argument("--profile", action="store_true",
+                   help="Lightning SimpleProfiler on the engine's rounds: host time per hook")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -244,6 +246,9 @@ def main(argv=None) -> dict:
         results["sweep"] = run_sweep(args, device)
     results["total_s"] = time.perf_counter() - start
     print(table(results), flush=True)
+    profile = results.get("federated", {}).get("lightning", {}).get("profile")
+    if profile:
+        print(profile, flush=True)
     print(f"total {results['total_s']:.1f} s", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
