@@ -91,31 +91,55 @@ def test_callback_matches_plain_fedavg_ema_loop(tmp_path):
     assert not torch.allclose(callback.personalized[0][w], callback.personalized[1][w])
 
 
-def _fit(tmp_path, rounds, ckpt_path=None, callbacks=()):
+def _fit(tmp_path, rounds, ckpt_path=None, callbacks=(), **fed_kwargs):
     dm = tiny_datamodule()
     module = tiny_module()
-    fed = FederatedTrainer(alpha=ALPHA)
+    fed = FederatedTrainer(alpha=ALPHA, **fed_kwargs)
     trainer = tiny_trainer(rounds, [fed, *callbacks], tmp_path, enable_checkpointing=bool(callbacks))
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return fed, module
 
 
+def _assert_same_federation(a: FederatedTrainer, b: FederatedTrainer) -> None:
+    for k in a.global_state:
+        assert torch.equal(a.global_state[k], b.global_state[k]), k
+    assert sorted(a.personalized) == sorted(b.personalized)
+    for client in a.personalized:
+        for k in a.personalized[client]:
+            assert torch.equal(a.personalized[client][k], b.personalized[client][k]), (client, k)
+
+
 def test_two_runs_are_identical_and_resume_is_exact(tmp_path):
     full, _ = _fit(tmp_path / "a", 3)
     again, _ = _fit(tmp_path / "b", 3)
-    for k in full.global_state:
-        assert torch.equal(full.global_state[k], again.global_state[k]), k
+    _assert_same_federation(full, again)
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
     _fit(tmp_path / "c", 2, callbacks=[ckpt])
     resumed, module = _fit(tmp_path / "d", 3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.round == 3
+    _assert_same_federation(full, resumed)
     for k in full.global_state:
-        assert torch.equal(full.global_state[k], resumed.global_state[k]), k
         assert torch.equal(module.net.state_dict()[k], full.global_state[k]), k
-    for client in full.personalized:
-        for k in full.personalized[client]:
-            assert torch.equal(full.personalized[client][k], resumed.personalized[client][k])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"method": "ditto", "method_args": {"lam": 0.1}},
+    {"method": "fedbn"},
+    {"method": "fedprox", "method_args": {"mu": 0.1}},
+    {"method": "local"},
+    {"optimizer_state": "keep", "server_optimizer": "fedadam", "client_fraction": 0.67},
+], ids=["ditto", "fedbn", "fedprox", "local", "keep-fedadam-fraction"])
+def test_resume_is_exact_for_other_methods_and_options(tmp_path, kwargs):
+    """What a method or option keeps across rounds (Ditto's personal models, FedBN's local
+    norms, kept Adam states, the server optimizer's moments, the participation draw) must be in
+    the checkpoint: stopping after round 2 and resuming equals the uninterrupted run."""
+    full, _ = _fit(tmp_path / "a", 3, **kwargs)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    _fit(tmp_path / "c", 2, callbacks=[ckpt], **kwargs)
+    resumed, _ = _fit(tmp_path / "d", 3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **kwargs)
+    assert resumed.round == 3
+    _assert_same_federation(full, resumed)
 
 
 def test_routing_space_is_written_and_readable(tmp_path):
