@@ -27,6 +27,7 @@ from iopfl_lightning.data import MultiSiteDataModule, make_synthetic_sites
 from iopfl_lightning.data.npy import write_iopfl_npy
 from iopfl_lightning.federated import FederatedTrainer, read_routing_space, write_routing_space
 from iopfl_lightning.modules.routing import RoutingModule
+from iopfl_lightning.modules.routing_experts import load_experts
 from iopfl_lightning.nets import build_from_spec, net_spec
 from tests.helpers import tiny_datamodule, tiny_module, tiny_trainer
 
@@ -376,10 +377,15 @@ def routing_space_spec_mismatch(tmp):
     return (lambda: RoutingModule(routing_space=str(path))), [str(path), "features"]
 
 
-def routing_space_site_without_model(tmp):
+def routing_space_model_of_a_stranger(tmp):
     state = good_space_state()
-    path = good_space(tmp, personalized={"BIDMC": state})
-    return (lambda: read_routing_space(path)), [str(path), "['HK']"]
+    path = good_space(tmp, personalized={"BIDMC": state, "UCL": state})
+    return (lambda: read_routing_space(path)), [str(path), "['UCL']", "inside sites"]
+
+
+def routing_space_without_any_model(tmp):
+    path = good_space(tmp, personalized={})
+    return (lambda: load_experts(path)), [str(path), "no personalized model"]
 
 
 def truncated_routing_space(tmp):
@@ -435,7 +441,8 @@ ROWS = {
         wrong_type_config_value, unknown_choice, negative_batch_size, zero_local_epochs,
         alpha_out_of_range, client_fraction_out_of_range, negative_lr, routing_space_version_99,
         routing_space_missing_keys, routing_space_other_architecture,
-        routing_space_spec_mismatch, routing_space_site_without_model, truncated_routing_space,
+        routing_space_spec_mismatch, routing_space_model_of_a_stranger,
+        routing_space_without_any_model, truncated_routing_space,
         ckpt_missing,
     )
 }

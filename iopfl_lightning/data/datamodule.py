@@ -400,7 +400,8 @@ def _check_loaded(
         if count_slices(splits["test"]) == 0:
             raise DataError(f"site {site!r} has no test samples")
         if site in inside and count_slices(splits["val"]) == 0:
-            log.warning("site %s has no validation samples", site)
+            log.warning("site %s has no validation samples: its per-round validation scores "
+                        "will be missing; add cases to its val split to monitor it", site)
         for split, cases in splits.items():
             for case in cases:
                 if case.image.shape[-1] != channels:

@@ -225,12 +225,18 @@ class FederatedTrainer(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.global_state is not None:
+            personal = self.personal_models()
+            untrained = [site for k, site in enumerate(self.sites) if k not in personal]
+            if personal and untrained:
+                log.warning("sites %s never finished a round of training, so the routing space "
+                            "has no personalized copy of them and outside sites route over the "
+                            "others only; train more rounds or raise client_fraction", untrained)
             path = write_routing_space(
                 self._routing_space_path(trainer),
                 net_spec=getattr(pl_module, "net_spec", None),
                 sites=self.sites,
                 global_state=self.global_state,
-                personalized={self.sites[k]: s for k, s in self.personal_models().items()},
+                personalized={self.sites[k]: s for k, s in personal.items()},
                 sample_counts=dict(zip(self.sites, self.sample_counts, strict=True)),
                 rounds=self.round,
                 run_id=self.run_id,
@@ -314,7 +320,9 @@ class FederatedTrainer(Callback):
         if not self.method.aggregate:
             pass  # e.g. local training: the global model never moves
         elif self._accumulator.num_clients == 0:
-            log.warning("round %d: no client trained; the global model is unchanged", self.round)
+            log.warning("round %d: no client trained (all skipped as non-finite or none drawn); the "
+                        "global model is unchanged. If this repeats, lower the learning rate or "
+                        "set on_nonfinite='raise' to stop at the first fault", self.round)
         else:
             params = self.server.step(self._accumulator.mean_delta())
             merged = {**self._accumulator.mean_buffers(), **params}

@@ -79,9 +79,10 @@ def read_routing_space(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: routing space format_version {space['format_version']}, "
             f"this version reads {FORMAT_VERSION}"
         )
-    absent = [s for s in space["sites"] if s not in space["personalized"]]
-    if absent:
-        raise ValueError(f"{path}: no personalized model for site(s) {absent}")
+    strangers = [s for s in space["personalized"] if s not in space["sites"]]
+    if strangers:  # a site that never trains (client_fraction) may lack a copy; no copy is foreign
+        raise ValueError(f"{path}: personalized model(s) of {strangers}, which are not among "
+                         f"its inside sites {list(space['sites'])}")
     reference: StateDict = space["global"]
     if space["net_spec"]:
         _check_architecture(path, space["net_spec"], reference)

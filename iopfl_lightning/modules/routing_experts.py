@@ -8,6 +8,7 @@ the new site's batch statistics.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from torch.func import functional_call
 from iopfl_lightning.federated.routing_space import read_routing_space
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,14 @@ def load_experts(path: str | os.PathLike, outside: Sequence[str] = ()) -> Expert
         raise ValueError(f"{path}: outside site(s) {leaked} took part in the federation "
                          f"(inside sites {sites}); hold them out (--data.outside) when "
                          "training the inside federation")
+    untrained = [s for s in sites if s not in space["personalized"]]
+    sites = [s for s in sites if s in space["personalized"]]
+    if not sites:
+        raise ValueError(f"{path}: routing space has no personalized model (K = 0); outside "
+                         "personalization needs at least one")
+    if untrained:
+        log.warning("%s: no personalized model of %s (never trained in that federation); "
+                    "routing over %s and the global model", path, untrained, sites)
     states = [dict(space["personalized"][s]) for s in sites] + [dict(space["global"])]
     return Experts(dict(space["net_spec"]), sites, states)
 

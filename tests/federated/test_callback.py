@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from iopfl_lightning.federated import FederatedTrainer, read_routing_space
 from iopfl_lightning.modules.losses import SegmentationLoss
+from iopfl_lightning.modules.routing_experts import load_experts
 from iopfl_lightning.nets import build_from_spec
 from tests.helpers import tiny_datamodule, tiny_module, tiny_trainer
 
@@ -186,6 +187,22 @@ def test_client_fraction_trains_a_seeded_subset(tmp_path):
         assert sorted(seen[round_idx]) == fed.participants(round_idx)
         assert len(seen[round_idx]) == 2
     assert sorted(fed.personalized) == sorted(set().union(*seen.values()))
+
+
+def test_routing_space_names_sites_that_never_trained(tmp_path, caplog):
+    fed = FederatedTrainer(client_fraction=0.5, seed=3)  # one round: 2 of the 3 sites train
+    trainer = tiny_trainer(1, [fed], tmp_path, limit_val_batches=0)
+    with caplog.at_level("WARNING", logger="iopfl_lightning.federated.callback"):
+        trainer.fit(tiny_module(), datamodule=tiny_datamodule())
+    untrained = [s for k, s in enumerate(fed.sites) if k not in fed.participants(0)]
+    assert len(untrained) == 1
+    assert f"sites {untrained} never finished a round" in caplog.text
+    space = tmp_path / "routing_space.pt"
+    assert untrained[0] not in read_routing_space(space)["personalized"]
+    with caplog.at_level("WARNING", logger="iopfl_lightning.modules.routing_experts"):
+        experts = load_experts(space)  # outside sites route over the sites that trained
+    assert experts.sites == [s for s in fed.sites if s not in untrained]
+    assert len(experts.states) == 3 and f"no personalized model of {untrained}" in caplog.text
 
 
 @pytest.mark.parametrize(
