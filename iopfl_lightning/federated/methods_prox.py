@@ -89,6 +89,7 @@ class Ditto(_Proximal):
         self._optimizer = torch.optim.Adam(
             params, lr=self.lr or hp.get("lr", 1e-3), amsgrad=hp.get("amsgrad", False)
         )
+        self._scaler = _grad_scaler(pl_module)  # fp16 only, fresh like the optimizer
 
     def after_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
         for attr in ("loss_fn",):
@@ -97,20 +98,41 @@ class Ditto(_Proximal):
         self._optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad(), _autocast(pl_module):
             loss = pl_module.loss_fn(pl_module(batch["image"], self._state), batch["mask"])
-        loss.backward()
+        scaler = self._scaler
+        if scaler is None:
+            loss.backward()
+        else:  # 16-mixed: scale the loss as Lightning does for the global model's step
+            scaler.scale(loss).backward()
+            scaler.unscale_(self._optimizer)
         if self.lam > 0:
             add_proximal_grad(self._state, self._anchor, self.lam)
-        self._optimizer.step()
+        if scaler is None:
+            self._optimizer.step()
+        else:  # skips the step on inf/NaN gradients and adapts the scale
+            scaler.step(self._optimizer)
+            scaler.update()
 
     def update_personal(self, previous: StateDict | None, local: dict[str, Tensor], client: int,
                         ) -> StateDict:
         personal = {k: v.detach().clone() for k, v in self._state.items()}
-        del self._state, self._optimizer
+        del self._state, self._optimizer, self._scaler
         return personal
+
+
+def _precision_plugin(pl_module: pl.LightningModule):
+    trainer = getattr(pl_module, "_trainer", None)
+    return getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+
+
+def _grad_scaler(pl_module: pl.LightningModule) -> torch.amp.GradScaler | None:
+    """A gradient scaler for the personal step when the trainer scales its own (``16-mixed``);
+    ``None`` for fp32 and bf16, which need none."""
+    if getattr(_precision_plugin(pl_module), "scaler", None) is None:
+        return None
+    return torch.amp.GradScaler(pl_module.device.type)
 
 
 def _autocast(pl_module: pl.LightningModule):
     """The trainer's precision context (bf16/fp16 autocast), as for the global model's step."""
-    trainer = getattr(pl_module, "_trainer", None)
-    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    plugin = _precision_plugin(pl_module)
     return plugin.train_step_context() if plugin is not None else nullcontext()

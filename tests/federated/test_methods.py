@@ -1,5 +1,8 @@
 """Method policies without a Trainer: registry, pooled sampler, FedProx and Ditto objectives."""
 
+import contextlib
+import types
+
 import pytest
 import torch
 
@@ -110,17 +113,29 @@ def test_fedprox_gradient_is_the_gradient_of_the_proximal_term():
         torch.testing.assert_close(p.grad, g)
 
 
-def _ditto_personal(lam, steps=5):
+class _FakeFp16Trainer:
+    """Just what Ditto reads of a 16-mixed trainer: a precision plugin with a grad scaler
+    (autocast left out, so the loss is fp32 and the scaled step must equal the plain one)."""
+
+    def __init__(self):
+        plugin = types.SimpleNamespace(scaler=object(), train_step_context=contextlib.nullcontext)
+        self.strategy = types.SimpleNamespace(precision_plugin=plugin)
+
+
+def _ditto_personal(lam, steps=5, fp16_trainer=False, batch=None):
     """Runs Ditto's personal steps only; returns (global, personal) states."""
     module = tiny_module()
+    if fp16_trainer:
+        module._trainer = _FakeFp16Trainer()
     net = module.net
     method = Ditto(lam=lam, lr=0.01)
     method.setup(net, {k for k, _ in net.named_parameters()}, norm_keys(net))
     global_state = clone_state(net.state_dict())
     method.start_client(module, 0, global_state, None)
+    assert (method._scaler is not None) == fp16_trainer
     gen = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(2, 3, 16, 16, generator=gen),
-             "mask": (torch.rand(2, 16, 16, generator=gen) > 0.5).long()}
+    batch = batch or {"image": torch.randn(2, 3, 16, 16, generator=gen),
+                      "mask": (torch.rand(2, 16, 16, generator=gen) > 0.5).long()}
     for _ in range(steps):
         method.after_batch(module, batch)
     personal = method.update_personal(None, net.state_dict(), 0)
@@ -141,3 +156,19 @@ def test_ditto_personal_model_differs_from_global_and_is_pulled_toward_it():
     assert d_pulled > 0 and d_free > 0
     assert d_pulled < 0.9 * d_free
     assert not pulled["head.weight"].requires_grad  # stored copies are plain tensors
+
+
+def test_ditto_scales_its_personal_step_under_fp16():
+    """Under 16-mixed Ditto scales its loss and unscales before the proximal term and the step,
+    like Lightning's step of the global model: the result equals the unscaled fp32 step
+    (power-of-two scale: exact up to float order), and a step with inf gradients is skipped."""
+    _, plain = _ditto_personal(lam=0.1, steps=3)
+    _, scaled = _ditto_personal(lam=0.1, steps=3, fp16_trainer=True)
+    for k in plain:
+        torch.testing.assert_close(scaled[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+    bad = {"image": torch.full((2, 3, 16, 16), float("inf")), "mask": torch.ones(2, 16, 16).long()}
+    before, after = _ditto_personal(lam=0.1, steps=1, fp16_trainer=True, batch=bad)
+    params = [k for k, _ in tiny_module().net.named_parameters()]  # (norm buffers do move)
+    assert all(torch.equal(after[k], before[k]) for k in params)
+    _, unscaled = _ditto_personal(lam=0.1, steps=1, batch=bad)
+    assert not all(torch.isfinite(unscaled[k]).all() for k in params)  # what the scaler prevents
