@@ -16,6 +16,7 @@ the wandb run and the run is closed when the command ends.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -80,8 +81,19 @@ def _warn_overridden(model_config: Any, hparams: dict, ckpt_path: str) -> None:
                     "to run with %r, start without --ckpt_path", ckpt_path, key, now, saved, now)
 
 
+# Lightning warnings that are expected in our runs and ask nothing of the user: an outside
+# (routing) run has a datamodule with validation loaders for inside runs but no validation step;
+# and a deprecation inside Lightning's own pytree helper.
+_EXPECTED_WARNINGS = (
+    r".*passed in a `val_dataloader` but have no `validation_step`.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
 def main(args: list[str] | None = None) -> IOPFLCLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     cli = IOPFLCLI(
         LightningModule,
         MultiSiteDataModule,
