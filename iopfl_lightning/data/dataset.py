@@ -89,18 +89,22 @@ class SiteDataset(Dataset):
     def __len__(self) -> int:
         return len(self.case_index)
 
-    def _resize(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _resize(
+        self, image: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Resize one ``[C, H, W]`` image and ``[H, W]`` mask (or a batch: ``[B, C, H, W]``
-        and ``[B, H, W]``) to ``image_size``."""
+        and ``[B, H, W]``) to ``image_size``; a ``None`` mask stays ``None``."""
         size = self.image_size
         if size is None or image.shape[-2:] == (size, size):
             return image, mask
         single = image.dim() == 3
-        images = image[None] if single else image
-        masks = (mask[None] if single else mask)[:, None].float()
-        images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False)
-        masks = F.interpolate(masks, (size, size), mode="nearest")[:, 0].long()
-        return (images[0], masks[0]) if single else (images, masks)
+        images = F.interpolate(image[None] if single else image, (size, size), mode="bilinear",
+                               align_corners=False)
+        if mask is not None:
+            masks = (mask[None] if single else mask)[:, None].float()
+            mask = F.interpolate(masks, (size, size), mode="nearest")[:, 0].long()
+            mask = mask[0] if single else mask
+        return (images[0] if single else images), mask
 
     @staticmethod
     def _zscore(images: torch.Tensor) -> torch.Tensor:
@@ -143,13 +147,14 @@ class SiteDataset(Dataset):
             return default_collate([self[int(i)] for i in indices])
         index = np.asarray(indices, dtype=np.int64)
         case_idx, slice_idx = self.case_index[index], self.slice_index[index]
-        images, masks = [], []
+        positions, images, masks = [], [], []
         for case_id in np.unique(case_idx):
             where = np.flatnonzero(case_idx == case_id)
             image, mask = self._gather(self.cases[case_id], slice_idx[where])
-            images.append((where, image))
+            positions.append(where)
+            images.append(image)
             masks.append(mask)
-        image_t, mask_t = in_order([w for w, _ in images], [im for _, im in images], masks)
+        image_t, *mask_t = in_order(positions, images, *([masks] if self.labels else []))
         if self.normalize == "zscore":
             image_t = self._zscore(image_t)
         batch = {
@@ -159,14 +164,15 @@ class SiteDataset(Dataset):
             "slice": torch.from_numpy(slice_idx.copy()),
         }
         if self.labels:
-            batch["mask"] = mask_t
+            batch["mask"] = mask_t[0]
         return batch
 
-    def _gather(self, case: Case, slices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slices of one case as ``[n, C, H, W]`` float32 and ``[n, H, W]`` int64, resized."""
+    def _gather(self, case: Case, slices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slices of one case as ``[n, C, H, W]`` float32 and ``[n, H, W]`` int64 (``None``
+        without labels: unlabelled data never reads its masks), resized."""
         image = np.ascontiguousarray(case.image[slices].transpose(0, 3, 1, 2), dtype=np.float32)
-        mask = np.asarray(case.mask[slices], dtype=np.int64)
-        return self._resize(torch.from_numpy(image), torch.from_numpy(mask))
+        mask = torch.from_numpy(np.asarray(case.mask[slices], dtype=np.int64)) if self.labels else None
+        return self._resize(torch.from_numpy(image), mask)
 
 
 def in_order(positions: list[np.ndarray], *parts: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
