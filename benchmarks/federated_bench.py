@@ -49,6 +49,7 @@ class FedConfig:
     channels_last: bool = False
     compile: bool = False
     pin_memory: bool = False
+    device_cache: bool = False  # engine only: data finished once and kept on the device
     seed: int = 0
     profile: bool = False  # Lightning SimpleProfiler: where a round's host time goes
 
@@ -63,6 +64,7 @@ def make_datamodule(cfg: FedConfig) -> MultiSiteDataModule:
         batch_size=cfg.batch,
         num_workers=cfg.workers,
         pin_memory=cfg.pin_memory,
+        device_cache=cfg.device_cache,
         synthetic={"size": cfg.size, "slices": cfg.slices,
                    "cases_per_split": {"train": cfg.train_cases, "val": cfg.val_cases, "test": 1}},
         seed=cfg.seed,

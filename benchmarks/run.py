@@ -64,6 +64,11 @@ def parse(argv=None) -> argparse.Namespace:
                    help="torch CPU threads (default 1 on CPU: steadier on a shared machine)")
     p.add_argument("--fp32-engine", action="store_true",
                    help="also run the Lightning engine in fp32 without channels_last (same data)")
+    p.add_argument("--device-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="the engine's data finished once and kept on the device "
+                        "(data.device_cache); default: on for CUDA, off for CPU")
+    p.add_argument("--loader-engine", action="store_true",
+                   help="with --device-cache, also run the engine through ordinary DataLoaders")
     p.add_argument("--only", choices=["federated", "routed", "loader"], default=None)
     p.add_argument("--sweep", action="store_true", help="scaling sweep (clients, size, experts)")
     p.add_argument("--profile", action="store_true",
@@ -78,6 +83,7 @@ def parse(argv=None) -> argparse.Namespace:
     cuda = args.device.startswith("cuda")
     args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
     args.channels_last = cuda if args.channels_last is None else args.channels_last
+    args.device_cache = cuda if args.device_cache is None else args.device_cache
     return args
 
 
@@ -98,14 +104,19 @@ def device_name(device: torch.device) -> str:
 def run_federated(args, device) -> dict:
     cfg = fed_config(args)
     start = time.perf_counter()
-    dm = make_datamodule(cfg)  # generated once, used by both engines
+    dm = make_datamodule(cfg)  # generated once, used by every engine
     data_s = time.perf_counter() - start
     engine = lightning_rounds(cfg, device, dm)
-    plain = plain_rounds(cfg, device, dm)
+    plain = plain_rounds(cfg, device, dm)  # its own DataLoaders over the same datasets
     extra = {}
     if args.fp32_engine:
         fp32 = dataclasses.replace(cfg, precision="32-true", channels_last=False, compile=False)
         extra["lightning_fp32"] = lightning_rounds(fp32, device, dm)
+    if args.loader_engine and cfg.device_cache:
+        loaders = dataclasses.replace(cfg, device_cache=False)
+        dm.device_cache = False
+        extra["lightning_loaders"] = lightning_rounds(loaders, device, dm)
+        dm.device_cache = True
     return {
         **extra,
         "config": dataclasses.asdict(cfg),
@@ -162,7 +173,8 @@ def _fmt(x: float, nd: int = 1) -> str:
 
 def table(results: dict) -> str:
     lines = [f"device: {results['device']}  precision: {results['precision']}  "
-             f"channels_last: {results['channels_last']}  compile: {results['compile']}",
+             f"channels_last: {results['channels_last']}  compile: {results['compile']}  "
+             f"device_cache: {results.get('device_cache')}",
              f"{'measure':44s} {'ours':>12s} {'baseline':>12s} {'ratio':>8s}"]
 
     def row(name, ours, base, nd=1, ratio=True):
@@ -188,6 +200,9 @@ def table(results: dict) -> str:
         if "lightning_fp32" in fed:
             row("round img/s: ours vs ours fp32 (no ch.-last)", e["images_per_s"],
                 fed["lightning_fp32"]["images_per_s"])
+        if "lightning_loaders" in fed:
+            row("round img/s: device cache vs DataLoaders", e["images_per_s"],
+                fed["lightning_loaders"]["images_per_s"])
         lines.append(f"engine time over plain loop: {_fmt(fed['engine_over_plain_time_pct'])}% "
                      f"(best rounds), {_fmt(fed['engine_over_plain_time_pct_median'])}% (median)")
     rt = results.get("routed")
@@ -206,6 +221,8 @@ def table(results: dict) -> str:
     if ld:
         row(f"loading, img/s ({ld['config']['size']}px, z-score; per-slice loader)",
             ld["batched"]["images_per_s"], ld["plain"]["images_per_s"])
+        row("loading, img/s, device cache gather (per-slice)", ld["cached"]["images_per_s"],
+            ld["plain"]["images_per_s"], 0)
     sweep = results.get("sweep")
     if sweep:
         lines.append("sweep (Lightning engine; round = best measured round):")
@@ -233,6 +250,7 @@ def main(argv=None) -> dict:
         "precision": args.precision,
         "channels_last": args.channels_last,
         "compile": args.compile,
+        "device_cache": args.device_cache,
         "preset": args.preset,
     }
     start = time.perf_counter()

@@ -50,24 +50,35 @@ def _as_labels(preds: Tensor, num_classes: int) -> Tensor:
     return preds
 
 
+def _out_of_range(labels: Tensor, num_classes: int) -> Tensor:
+    """Number of labels outside ``[0, num_classes)``, as a tensor (no host synchronisation)."""
+    return ((labels < 0) | (labels >= num_classes)).sum()
+
+
+
+
 def _check_inputs(
-    preds: Tensor, target: Tensor, case: Tensor | int, slice_: Tensor | None, num_classes: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Validate and normalise ``update`` arguments; return long label maps and id vectors."""
+    preds: Tensor, target: Tensor, case: Tensor | int, slice_: Tensor | None, num_classes: int,
+    eager: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Validate and normalise ``update`` arguments; return long label maps, id vectors and,
+    with ``eager=False``, the count of out-of-range labels (checked later, at ``compute``)
+    instead of reading it back now."""
     preds = _as_labels(preds, num_classes)
     if preds.ndim != 3 or preds.shape != target.shape:
         raise ValueError(
             f"Expected preds and target label maps of equal shape [B, H, W], got "
             f"{tuple(preds.shape)} and {tuple(target.shape)}."
         )
+    bad = None
     for what, labels in (("preds", preds), ("target", target)):
         if labels.is_floating_point():
             raise ValueError(f"{what} must hold integer labels, got dtype {labels.dtype}.")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(
-                f"{what} has labels outside [0, {num_classes}): "
-                f"min {int(labels.min())}, max {int(labels.max())}."
-            )
+        count = _out_of_range(labels, num_classes)
+        if eager and bool(count):
+            raise ValueError(f"{what} has labels outside [0, {num_classes}): "
+                             f"min {int(labels.min())}, max {int(labels.max())}.")
+        bad = count if bad is None else bad + count
     batch = preds.shape[0]
     case = torch.as_tensor(case, device=preds.device).long().reshape(-1)
     if case.numel() not in (1, batch):
@@ -77,24 +88,19 @@ def _check_inputs(
         slice_ = torch.as_tensor(slice_, device=preds.device).long().reshape(-1)
         if slice_.numel() != batch:
             raise ValueError(f"slice has {slice_.numel()} entries for a batch of {batch}.")
-    return preds.long(), target.long(), case.clone(), slice_
+    return preds.long(), target.long(), case.clone(), slice_, None if eager else bad
 
 
 def foreground_counts(preds: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, ...]:
     """Per-sample, per-foreground-class (intersection, pred sum, target sum), each ``[B, C-1]``.
 
-    One ``bincount`` per quantity over ``sample * C + label`` codes: no loop over samples.
+    One comparison with every foreground class and sums over the pixels: no loop over samples
+    and no host synchronisation (a CUDA ``bincount`` reads its input's maximum back to size its
+    output, which stalls the GPU queue at every evaluation batch).
     """
-    batch = preds.shape[0]
-    offset = torch.arange(batch, device=preds.device).view(-1, 1, 1) * num_classes
-    size = batch * num_classes
-
-    def count(codes: Tensor) -> Tensor:
-        return torch.bincount(codes.reshape(-1), minlength=size).view(batch, num_classes)[:, 1:]
-
-    hit = preds == target
-    inter = count((offset + target).expand_as(target)[hit])
-    return inter, count(offset + preds), count(offset + target)
+    classes = torch.arange(1, num_classes, device=preds.device).view(1, -1, 1, 1)
+    pred_hit, target_hit = preds.unsqueeze(1) == classes, target.unsqueeze(1) == classes
+    return (pred_hit & target_hit).sum((2, 3)), pred_hit.sum((2, 3)), target_hit.sum((2, 3))
 
 
 def dice_from_counts(inter: Tensor, psum: Tensor, tsum: Tensor) -> Tensor:
@@ -125,12 +131,32 @@ class _CaseMetric(Metric):
     full_state_update = False
     is_differentiable = False
 
-    def __init__(self, num_classes: int, **kwargs) -> None:
+    def __init__(self, num_classes: int, eager_checks: bool | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background + foreground), got {num_classes}.")
         self.num_classes = num_classes
+        # None: check label ranges in ``update`` on the CPU, at ``compute`` on an accelerator
+        # (an ``update``-time check there would synchronise with the device at every batch).
+        self.eager_checks = eager_checks
         self.add_state("case", default=[], dist_reduce_fx="cat")
+        self.add_state("out_of_range", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def _checked(self, preds: Tensor, target: Tensor, case: Tensor | int,
+                 slice_: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        eager = self.eager_checks
+        eager = preds.device.type == "cpu" if eager is None else eager
+        preds, target, case, slice_, bad = _check_inputs(
+            preds, target, case, slice_, self.num_classes, eager)
+        if bad is not None:
+            self.out_of_range += bad
+        return preds, target, case, slice_
+
+    def _raise_if_out_of_range(self) -> None:
+        count = int(self.out_of_range)
+        if count:
+            raise ValueError(f"{count} pixels of preds or target had labels outside "
+                             f"[0, {self.num_classes}) in the batches given to update().")
 
     def _per_case(self) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -144,6 +170,7 @@ class _CaseMetric(Metric):
             should_sync=not synced,
             should_unsync=not synced,
         ):
+            self._raise_if_out_of_range()
             return self._per_case()
 
     def compute(self) -> Tensor:
@@ -151,6 +178,7 @@ class _CaseMetric(Metric):
         # ``case`` is a list of batches locally and one tensor after a distributed sync.
         if not len(self.case):
             return torch.tensor(float("nan"))
+        self._raise_if_out_of_range()
         return self._per_case()[1].mean(dim=1).mean()
 
 
@@ -171,7 +199,7 @@ class CaseDice(_CaseMetric):
     def update(self, preds: Tensor, target: Tensor, case: Tensor | int,
                slice: Tensor | None = None) -> None:
         """Accumulate per-slice foreground counts tagged with their case ids."""
-        preds, target, case, _ = _check_inputs(preds, target, case, slice, self.num_classes)
+        preds, target, case, _ = self._checked(preds, target, case, slice)
         inter, psum, tsum = foreground_counts(preds, target, self.num_classes)
         self.case.append(case)
         self.inter.append(inter)
@@ -258,7 +286,7 @@ class CaseHD95(_CaseMetric):
     def update(self, preds: Tensor, target: Tensor, case: Tensor | int,
                slice: Tensor | None = None) -> None:
         """Store the slices' label maps with their case ids and slice indices."""
-        preds, target, case, slice_ = _check_inputs(preds, target, case, slice, self.num_classes)
+        preds, target, case, slice_ = self._checked(preds, target, case, slice)
         if self.preds and self.preds[0].shape[1:] != preds.shape[1:]:
             raise ValueError(
                 f"CaseHD95 needs one slice size; got {tuple(preds.shape[1:])} after "

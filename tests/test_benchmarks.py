@@ -32,6 +32,7 @@ POSITIVE = [
     ("routed", "speedup"),
     ("loader", "batched", "images_per_s"),
     ("loader", "plain", "images_per_s"),
+    ("loader", "cached", "images_per_s"),
 ]
 FINITE = [("federated", "engine_over_plain_time_pct"), ("total_s",)]
 

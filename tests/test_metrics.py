@@ -326,3 +326,19 @@ def test_per_case_syncs_and_restores_local_state(cls):
     assert len(metric.case) == 1 and metric.case[0].tolist() == [0, 0]  # unsynced again
     other["count"] = 0
     assert not math.isnan(metric.compute().item())
+
+
+@pytest.mark.parametrize("cls", [CaseDice, CaseHD95])
+def test_deferred_range_check_raises_at_compute(cls):
+    """On an accelerator the label range is checked at compute (no sync per batch); the same
+    path is forced here on the CPU. Good batches before or after do not hide a bad one."""
+    metric = cls(2, eager_checks=False)
+    good = torch.zeros(1, 4, 4, dtype=torch.long)
+    metric.update(good, good, 0)
+    metric.update(torch.full((1, 4, 4), 3), good, 1)  # no error yet: nothing was read back
+    metric.update(good, good, 2)
+    with pytest.raises(ValueError, match="16 pixels of preds or target had labels outside"):
+        metric.compute()
+    metric.reset()
+    metric.update(good, good, 0)
+    assert metric.compute().item() == (1.0 if cls is CaseDice else 0.0)

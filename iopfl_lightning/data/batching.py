@@ -8,12 +8,14 @@ per-slice Python work (one ``__getitem__``, transpose copy, resize and z-score p
 stack) becomes one gather per case and one resize and z-score per batch.
 
 ``SiteDataset`` itself keeps plain per-item access, so it still works with any DataLoader.
+With ``parts`` (one :class:`~iopfl_lightning.data.device_cache.CachedSite` per dataset) the
+batches are gathered from device-resident tensors instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,23 +24,40 @@ from torch.utils.data import ConcatDataset, Dataset, default_collate
 from .dataset import SiteDataset, in_order
 
 
-class BatchedSlices(Dataset):
-    """A :class:`SiteDataset` or ``ConcatDataset`` of them, fetched a batch at a time."""
+class BatchSource(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]: ...
+    def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]: ...
 
-    def __init__(self, dataset: SiteDataset | ConcatDataset) -> None:
-        parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
-        if not all(isinstance(part, SiteDataset) for part in parts):
-            names = [type(p).__name__ for p in parts]
+
+class BatchedSlices(Dataset):
+    """A :class:`SiteDataset` or ``ConcatDataset`` of them, fetched a batch at a time.
+
+    ``parts``: what serves each dataset's batches instead of the dataset itself (e.g. its
+    device-resident cache); same lengths, same order.
+    """
+
+    def __init__(self, dataset: SiteDataset | ConcatDataset,
+                 parts: Sequence[BatchSource] | None = None) -> None:
+        datasets = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+        if not all(isinstance(part, SiteDataset) for part in datasets):
+            names = [type(p).__name__ for p in datasets]
             raise TypeError(f"BatchedSlices needs SiteDataset parts, got {names}")
+        parts = list(datasets if parts is None else parts)
+        if [len(p) for p in parts] != [len(d) for d in datasets]:
+            raise ValueError("BatchedSlices: parts must match the datasets one to one")
         self.dataset = dataset
-        self.parts: list[SiteDataset] = list(parts)
+        self.parts: list[BatchSource] = parts
         self.offsets = np.cumsum([0, *(len(p) for p in parts)])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.dataset[index]
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} slices")
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[part][index - int(self.offsets[part])]
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         index = np.asarray(indices, dtype=np.int64)

@@ -27,6 +27,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from .batching import BatchedSlices, collate_batch
 from .cases import SPLITS, DataError, SiteSplits, count_slices
 from .dataset import Normalize, SiteDataset, TransformSpec, build_transform
+from .device_cache import CachedSite
 from .fundus import FUNDUS_DOMAINS, read_fundus
 from .npy import PROSTATE_SITES, read_iopfl_npy
 from .png_slices import PNG_SITE_ALIASES, read_png_slices
@@ -112,6 +113,11 @@ class MultiSiteDataModule(LightningDataModule):
             routing, where ``train_dataloader`` yields the outside site's test images WITHOUT
             masks (shuffled, seeded per epoch), there is no validation, and the test loaders
             cover the outside sites only.
+        device_cache: finish every split a loader serves once (resize, normalize) and keep it
+            on the trainer's device; batches are then index gathers there (no workers, no
+            per-batch host-to-device copy; see :mod:`iopfl_lightning.data.device_cache`).
+            Same batches as without it. Needs device memory for the images (float32) and
+            masks (uint8) and no ``train_transform``; ``num_workers`` is then ignored.
     """
 
     def __init__(
@@ -134,6 +140,7 @@ class MultiSiteDataModule(LightningDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         train_on: Literal["inside", "outside"] = "inside",
+        device_cache: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("format", format, ("synthetic", "iopfl_npy", "png_slices", "fundus"))
@@ -173,6 +180,13 @@ class MultiSiteDataModule(LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.image_size, self.normalize, self.seed = image_size, normalize, seed
         self.train_transform = build_transform(train_transform)
+        if device_cache and self.train_transform is not None:
+            raise ValueError(
+                "device_cache=True cannot be combined with a train_transform (albumentations "
+                "runs per sample on the CPU); set one of them off"
+            )
+        self.device_cache = device_cache
+        self._caches: dict[tuple, CachedSite] = {}
         self.synthetic = _check_synthetic(synthetic, seed)
         self.pairing, self.mask_inverted, self.val_fraction = pairing, mask_inverted, val_fraction
         self.participants: Participants | None = None
@@ -268,26 +282,47 @@ class MultiSiteDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_on == "outside":
             return self.outside_dataloader(shuffle=True)
-        datasets = [self.dataset(site, "train") for site in self.inside_sites]
-        return self._loader(ConcatDataset(datasets), batch_sampler=self.train_batch_sampler())
+        sources = [(site, "train", True) for site in self.inside_sites]
+        return self._loader(sources, concat=True, batch_sampler=self.train_batch_sampler())
 
-    def _loader(self, dataset, **kwargs) -> DataLoader:
+    def _loader(self, sources: list[tuple[str, str, bool]], concat: bool = False,
+                **kwargs) -> DataLoader:
+        """A loader over the (site, split, labels) ``sources``, concatenated in order."""
         if "batch_sampler" not in kwargs:
             kwargs.setdefault("batch_size", self.eval_batch_size)
             kwargs.setdefault("shuffle", False)
+        datasets = [self.dataset(site, split, labels=labels) for site, split, labels in sources]
+        dataset = ConcatDataset(datasets) if concat or len(datasets) > 1 else datasets[0]
+        parts = [self._cached(source, ds) for source, ds in zip(sources, datasets, strict=True)] \
+            if self.device_cache else None
+        workers = 0 if self.device_cache else self.num_workers  # batches are device gathers
         return DataLoader(
-            BatchedSlices(dataset),  # one fetch per batch, not per slice
+            BatchedSlices(dataset, parts),  # one fetch per batch, not per slice
             collate_fn=collate_batch,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            pin_memory=self.pin_memory and not self.device_cache,
+            persistent_workers=workers > 0,
             **kwargs,
         )
+
+    def _cache_device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _cached(self, source: tuple[str, str, bool], dataset: SiteDataset) -> CachedSite:
+        """The device-resident copy of a (site, split, labels) source, made on first use."""
+        device = self._cache_device()
+        key = (*source, str(device))
+        if key not in self._caches:
+            site, split, labels = source
+            name = f"site {site!r} {split}" + ("" if labels else " (unlabelled)")
+            self._caches[key] = CachedSite(dataset, device, name)
+        return self._caches[key]
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.train_on == "outside":
             return []  # no labels of the new site may steer test-time fitting
-        return [self._loader(self.dataset(site, "val")) for site in self.inside_sites]
+        return [self._loader([(site, "val", True)]) for site in self.inside_sites]
 
     @property
     def test_sites(self) -> list[str]:
@@ -295,7 +330,7 @@ class MultiSiteDataModule(LightningDataModule):
         return self.outside_sites if self.train_on == "outside" else self.eval_sites
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.dataset(site, "test")) for site in self.test_sites]
+        return [self._loader([(site, "test", True)]) for site in self.test_sites]
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()
@@ -328,10 +363,10 @@ class MultiSiteDataModule(LightningDataModule):
         if site not in self.outside_sites:
             raise ValueError(f"site {site!r} is not an outside site; outside: {self.outside_sites}")
         _check_choice("split", split, SPLITS)
-        dataset = self.dataset(site, split, labels=labels)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return self._loader(
-            dataset, batch_size=batch_size or self.eval_batch_size, shuffle=shuffle, generator=generator
+            [(site, split, labels)], batch_size=batch_size or self.eval_batch_size,
+            shuffle=shuffle, generator=generator,
         )
 
 

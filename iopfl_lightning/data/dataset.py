@@ -182,4 +182,4 @@ def in_order(positions: list[np.ndarray], *parts: list[torch.Tensor]) -> tuple[t
     if len(positions) == 1:
         return tuple(p[0] for p in parts)
     order = torch.from_numpy(np.argsort(np.concatenate(positions), kind="stable"))
-    return tuple(torch.cat(p)[order] for p in parts)
+    return tuple(torch.cat(p)[order.to(p[0].device)] for p in parts)

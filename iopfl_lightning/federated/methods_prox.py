@@ -23,6 +23,7 @@ from torch import Tensor
 
 from iopfl_lightning.federated.methods_base import FederatedMethod, register_method
 from iopfl_lightning.federated.state import StateDict
+from iopfl_lightning.modules.optim import adam
 
 
 def _check_nonnegative(name: str, value: float) -> float:
@@ -86,9 +87,8 @@ class Ditto(_Proximal):
         self._state = {k: v.detach().clone() for k, v in base.items()}
         params = [self._state[k].requires_grad_() for k in sorted(self.param_keys)]
         hp = getattr(pl_module, "hparams", {})
-        self._optimizer = torch.optim.Adam(
-            params, lr=self.lr or hp.get("lr", 1e-3), amsgrad=hp.get("amsgrad", False)
-        )
+        self._optimizer = adam(params, lr=self.lr or hp.get("lr", 1e-3),
+                               amsgrad=hp.get("amsgrad", False))
         self._scaler = _grad_scaler(pl_module)  # fp16 only, fresh like the optimizer
 
     def after_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:

@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from iopfl_lightning.modules import tta_losses as tl
 from iopfl_lightning.modules.evaluation import MixtureMeter, SiteEvaluator, log_rows, report_test
+from iopfl_lightning.modules.optim import adam
 from iopfl_lightning.modules.routing_experts import (
     average_states,
     ensemble_probabilities,
@@ -217,7 +218,7 @@ class RoutingModule(pl.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         lr = self.hparams.lr
-        return [torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+        return [adam([p for p in net.parameters() if p.requires_grad], lr=lr)
                 for net in self.adapted_nets().values()]
 
     def forward(self, image: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from torch.func import functional_call
 
 from iopfl_lightning.modules.evaluation import SiteEvaluator, log_rows, report_test
 from iopfl_lightning.modules.losses import LossName, SegmentationLoss
+from iopfl_lightning.modules.optim import adam
 from iopfl_lightning.nets import build_from_spec, net_spec
 from iopfl_lightning.viz.collect import OverlayCases
 
@@ -107,9 +108,8 @@ class SegmentationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        return torch.optim.Adam(
-            self.net.parameters(), lr=hp.lr, amsgrad=hp.amsgrad, weight_decay=hp.weight_decay
-        )
+        return adam(self.net.parameters(), lr=hp.lr, amsgrad=hp.amsgrad,
+                    weight_decay=hp.weight_decay)
 
     # ------------------------------------------------------------ forward
     def _prepare(self, image: torch.Tensor) -> torch.Tensor:
