@@ -52,6 +52,7 @@ class FedConfig:
     device_cache: bool = False  # engine only: data finished once and kept on the device
     seed: int = 0
     profile: bool = False  # Lightning SimpleProfiler: where a round's host time goes
+    torch_profile: bool = False  # torch.profiler over the last round: top ops, syncs, copies
 
 
 def make_datamodule(cfg: FedConfig) -> MultiSiteDataModule:
@@ -97,6 +98,32 @@ class _RoundClock(pl.Callback):
                                 "cpu": time.process_time() - s["c0"], "images": s["images"]})
 
 
+class _TorchProfileLastRound(pl.Callback):
+    """torch.profiler over the last round (warm); keeps the op table sorted by host time."""
+
+    def __init__(self, rounds: int, device: torch.device):
+        self.rounds, self.device, self.table = rounds, device, ""
+        self._prof = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.rounds - 1:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=activities)
+            self._prof.__enter__()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self._prof is not None:
+            sync(self.device)
+            self._prof.__exit__(None, None, None)
+            averages = self._prof.key_averages()
+            self.table = averages.table(sort_by="self_cpu_time_total", row_limit=30)
+            if self.device.type == "cuda":
+                self.table += "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=15)
+            self._prof = None
+
+
 def _round_stats(rounds: list[dict]) -> dict:
     measured = rounds[1:] if len(rounds) > 1 else rounds
     walls = [r["wall"] for r in measured]
@@ -124,13 +151,16 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
                            when={"_finish_round": lambda: fed._accumulator is not None})
     shared: dict = {"rounds": [], "images": 0}
     profiler = SimpleProfiler(extended=False) if cfg.profile else None
+    torch_profile = _TorchProfileLastRound(cfg.rounds, device) if cfg.torch_profile else None
+    extra = [torch_profile] if torch_profile is not None else []
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=1,
             precision=cfg.precision,
             max_epochs=cfg.rounds,
-            callbacks=[_RoundClock(device, shared, "start"), fed, _RoundClock(device, shared, "end")],
+            callbacks=[_RoundClock(device, shared, "start"), fed, *extra,
+                       _RoundClock(device, shared, "end")],
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -154,6 +184,8 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
     out["peak_mb"], out["peak_delta_mb"] = mem.peak_mb, mem.delta_mb
     if profiler is not None:
         out["profile"] = profiler.summary()
+    if torch_profile is not None:
+        out["torch_profile"] = torch_profile.table
     return out
 
 

@@ -4,11 +4,13 @@
 # 1. installs the other dependencies from the wheels in .whl/ (segmentation-models-pytorch,
 #    albumentations and their missing deps; see docs/performance.md for how to fetch them);
 # 2. runs the benchmark at the paper's setting (UNet features 32, 384x384, batch 16, 5 clients;
-#    routed step batch 16, 384x384, 6 experts) in bf16-mixed + channels_last, plus the engine
-#    in fp32 for reference;
-# 3. runs the GPU-relevant tests (benchmark on CUDA, federated callback, routed layers);
-# 4. the federated rounds once more under Lightning's SimpleProfiler (host time per hook and
-#    loop step; not a throughput figure: the profiler adds its own overhead);
+#    routed step batch 16, 384x384, 6 experts) in bf16-mixed + channels_last with the data
+#    kept on the GPU (data.device_cache), plus the engine through ordinary DataLoaders and in
+#    fp32 for reference; the routed step both mixing kernels and mixing outputs;
+# 3. runs the GPU-relevant tests (benchmark on CUDA, federated callback, routed layers, device
+#    cache, metrics, fused Adam);
+# 4. the federated rounds once more under Lightning's SimpleProfiler and torch.profiler (host
+#    time per hook, ops by host and GPU time; not a throughput figure: profilers add overhead);
 # 5. if time is left (< 300 s so far), the federated rounds again with torch.compile.
 # Writes logs and JSON into $OUT (or the first argument). Run from the repository root:
 #   bash benchmarks/gpu_check.sh /tmp/gpu_check
@@ -29,14 +31,16 @@ $PY -c "import torch, lightning, segmentation_models_pytorch, albumentations, io
 print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" \
   | tee -a "$OUT/gpu.txt" || exit 1
 status=0
-$PY benchmarks/run.py --preset paper --device cuda --workers 4 --fp32-engine \
+$PY benchmarks/run.py --preset paper --device cuda --workers 4 --fp32-engine --loader-engine \
   --out "$OUT/paper.json" 2>&1 | tee "$OUT/paper.log" || status=1
 echo "elapsed ${SECONDS}s"
 $PY -m pytest -q -p no:cacheprovider tests/test_benchmarks.py tests/federated \
-  tests/nets/test_routed.py 2>&1 | tail -15 | tee "$OUT/tests.log" || status=1
+  tests/nets/test_routed.py tests/data/test_device_cache.py tests/test_metrics.py \
+  tests/modules/test_optim.py 2>&1 | tail -15 | tee "$OUT/tests.log" || status=1
 echo "elapsed ${SECONDS}s"
 $PY benchmarks/run.py --preset paper --device cuda --workers 4 --only federated --profile \
-  --rounds 3 --out "$OUT/paper_profile.json" 2>&1 | head -60 | tee "$OUT/paper_profile.log" || status=1
+  --torch-profile --rounds 3 --out "$OUT/paper_profile.json" 2>&1 | head -160 \
+  | tee "$OUT/paper_profile.log" || status=1
 echo "elapsed ${SECONDS}s"
 if [ "$SECONDS" -lt 300 ]; then
   $PY benchmarks/run.py --preset paper --device cuda --workers 4 --only federated --compile \

@@ -6,6 +6,8 @@ normalization affine parameters, and one Adam step. Experts are the paper UNet's
 small perturbations (E = K personalized + 1 global). The baseline swaps every routed layer's
 forward for a loop over the samples of the batch (one router call, one kernel mix and one
 convolution per sample), as the IOP-FL reference does; everything else is identical.
+``batched`` mixes kernels (grouped convolutions, the default); ``batched_outputs`` is the same
+net mixing expert outputs (``RoutingModule(mix="outputs")``: dense convolutions).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor
 from iopfl_lightning.federated import write_routing_space
 from iopfl_lightning.modules.routing import RoutingModule
 from iopfl_lightning.nets import build_net, net_spec
-from iopfl_lightning.nets.routed import routed_layers
+from iopfl_lightning.nets.routed import routed_layers, set_mix
 from iopfl_lightning.nets.routed_layers import RoutedConv2d, RoutedConvTranspose2d, RoutedLinear
 
 
@@ -103,6 +105,16 @@ def max_difference(batched: RoutingModule, loop: RoutingModule, x: Tensor) -> fl
     return (batched.net(x) - loop.net(x)).abs().max().item()
 
 
+@torch.no_grad()
+def mix_difference(module: RoutingModule, x: Tensor) -> float:
+    """Largest |kernels - outputs| of the routed net's logits on ``x`` (fp32)."""
+    module.eval()
+    set_mix(module.net, "outputs")
+    outputs = module.net(x)
+    set_mix(module.net, "kernels")
+    return (module.net(x) - outputs).abs().max().item()
+
+
 def routed_bench(features: int, size: int, batch: int, experts: int, device: torch.device,
                  precision: str, channels_last: bool, steps: int, loop_steps: int) -> dict:
     """Batched step at ``precision`` (+ channels_last), and the per-sample loop in fp32 (the
@@ -114,13 +126,18 @@ def routed_bench(features: int, size: int, batch: int, experts: int, device: tor
     torch.manual_seed(1)
     x = torch.randn(batch, 3, size, size, device=device)
     check = max_difference(batched, loop, x[: min(batch, 2)])
+    mix_check = mix_difference(batched, x[: min(batch, 2)])
     batched.net.to(memory_format=memory_format)
-    out = {"batched": time_steps(batched, x.contiguous(memory_format=memory_format), device,
-                                 precision, steps),
-           "loop_fp32": time_steps(loop, x, device, "32-true", loop_steps)}
+    xf = x.contiguous(memory_format=memory_format)
+    out = {"batched": time_steps(batched, xf, device, precision, steps)}
+    set_mix(batched.net, "outputs")
+    out["batched_outputs"] = time_steps(batched, xf, device, precision, steps)
+    set_mix(batched.net, "kernels")
+    out["loop_fp32"] = time_steps(loop, x, device, "32-true", loop_steps)
     if precision != "32-true":
         out["batched_fp32"] = time_steps(batched, x.contiguous(memory_format=memory_format),
                                          device, "32-true", steps)
     out["speedup"] = out["batched"]["images_per_s"] / out["loop_fp32"]["images_per_s"]
     out["loop_vs_batched_max_abs_diff"] = check
+    out["kernels_vs_outputs_max_abs_diff"] = mix_check
     return out

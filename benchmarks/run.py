@@ -73,6 +73,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="scaling sweep (clients, size, experts)")
     p.add_argument("--profile", action="store_true",
                    help="Lightning SimpleProfiler on the engine's rounds: host time per hook")
+    p.add_argument("--torch-profile", action="store_true",
+                   help="torch.profiler over the engine's last round: ops by host and device time")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -210,13 +212,18 @@ def table(results: dict) -> str:
         b, lp = rt["batched"], rt["loop_fp32"]
         row(f"routed step, img/s (E={rt['config']['experts']}; loop fp32)", b["images_per_s"],
             lp["images_per_s"])
+        row("routed step, img/s, mixing outputs (dense convs)",
+            rt["batched_outputs"]["images_per_s"], lp["images_per_s"])
+        row("routed step peak memory, MB, mixing outputs", rt["batched_outputs"]["peak_mb"],
+            lp["peak_mb"], 0)
         if "batched_fp32" in rt:
             row("routed step fp32 batched vs loop, img/s", rt["batched_fp32"]["images_per_s"],
                 lp["images_per_s"])
         row("routed step, s (min)", b["step_s"]["min"], lp["step_s"]["min"], 3)
         row("routed step peak memory, MB", b["peak_mb"], lp["peak_mb"], 0)
         lines.append(f"routed batched vs loop max |diff| (fp32 logits): "
-                     f"{rt['loop_vs_batched_max_abs_diff']:.2e}")
+                     f"{rt['loop_vs_batched_max_abs_diff']:.2e}; mixing kernels vs outputs: "
+                     f"{rt['kernels_vs_outputs_max_abs_diff']:.2e}")
     ld = results.get("loader")
     if ld:
         row(f"loading, img/s ({ld['config']['size']}px, z-score; per-slice loader)",
@@ -264,9 +271,10 @@ def main(argv=None) -> dict:
         results["sweep"] = run_sweep(args, device)
     results["total_s"] = time.perf_counter() - start
     print(table(results), flush=True)
-    profile = results.get("federated", {}).get("lightning", {}).get("profile")
-    if profile:
-        print(profile, flush=True)
+    engine = results.get("federated", {}).get("lightning", {})
+    for key in ("profile", "torch_profile"):
+        if engine.get(key):
+            print(engine[key], flush=True)
     print(f"total {results['total_s']:.1f} s", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ POSITIVE = [
     ("routed", "batched", "images_per_s"),
     ("routed", "batched", "step_s", "min"),
     ("routed", "batched", "peak_mb"),
+    ("routed", "batched_outputs", "images_per_s"),
     ("routed", "loop_fp32", "images_per_s"),
     ("routed", "loop_fp32", "peak_mb"),
     ("routed", "speedup"),
@@ -60,6 +61,7 @@ def _check(data):
     for path in FINITE:
         assert math.isfinite(_get(data, path)), path
     assert _get(data, ("routed", "loop_vs_batched_max_abs_diff")) < 1e-3
+    assert _get(data, ("routed", "kernels_vs_outputs_max_abs_diff")) < 1e-3
     assert _get(data, ("loader", "first_batch_max_abs_diff")) < 1e-5
     assert data["device"] and data["date"] and data["command"].startswith("python benchmarks/")
 

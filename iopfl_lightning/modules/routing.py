@@ -51,9 +51,10 @@ from iopfl_lightning.nets.routed import (
     build_routed_net,
     norm_affine_parameters,
     router_parameters,
+    set_mix,
     set_mixture_recording,
 )
-from iopfl_lightning.nets.routed_layers import GATES, STARTS, Gate, Start
+from iopfl_lightning.nets.routed_layers import GATES, MIXES, STARTS, Gate, Mix, Start
 from iopfl_lightning.viz import routing_heatmap
 from iopfl_lightning.viz.collect import OverlayCases
 
@@ -106,6 +107,10 @@ class RoutingModule(pl.LightningModule):
         overlay_cases: test cases drawn in the run folder's ``overlays.png`` (every model
             side by side); 0 draws none. ``routing_weights.png`` shows the mean mixture per
             layer and expert of the reported (last) pass.
+        mix: how routed convolutions compute the per-sample mixture: ``kernels`` (mix the
+            kernels, one grouped convolution) or ``outputs`` (one dense convolution over all
+            experts, outputs weighted; E times the arithmetic, no grouped kernels). Same
+            result up to float rounding; see ``nets.routed_layers``.
     """
 
     def __init__(
@@ -128,10 +133,12 @@ class RoutingModule(pl.LightningModule):
         global_eps: float = 1e-2,
         train_norm_affine: bool = True,
         overlay_cases: int = 3,
+        mix: Mix = "kernels",
     ) -> None:
         super().__init__()
         self._check_args(gate, start, norm, shape_loss, eval_mode, baselines, lr, noise_std,
                          overlay_cases)
+        _choice("mix", mix, MIXES)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.baselines = list(BASELINES if baselines is None else baselines)
@@ -143,6 +150,7 @@ class RoutingModule(pl.LightningModule):
         self.net = build_routed_net(base, experts.states, gate=gate, start=start,
                                     hidden=router_hidden, dropout=router_dropout,
                                     global_eps=global_eps)
+        set_mix(self.net, mix)
         affine = norm_affine_parameters(self.net) if train_norm_affine else []
         _trainable_only(self.net, router_parameters(self.net) + affine)
         base.load_state_dict(experts.global_state)

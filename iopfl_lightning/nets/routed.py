@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from iopfl_lightning.nets.routed_layers import (
+    MIXES,
     Gate,
+    Mix,
     RoutedConv2d,
     RoutedConvTranspose2d,
     RoutedLayer,
@@ -179,6 +181,15 @@ def set_gate_override(model: nn.Module, weights: Tensor | None) -> None:
     the uniform average."""
     for _, layer in routed_layers(model):
         layer.set_gate_override(weights)
+
+
+def set_mix(model: nn.Module, mix: Mix) -> None:
+    """Make every routed layer mix ``kernels`` or ``outputs`` (see ``nets.routed_layers``):
+    the same function, computed two ways; ``benchmarks/run.py`` says which is faster where."""
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {list(MIXES)}, got {mix!r}")
+    for _, layer in routed_layers(model):
+        layer.mix = mix
 
 
 def set_mixture_recording(model: nn.Module, enabled: bool = True) -> None:

@@ -20,6 +20,13 @@ Design choices (see DESIGN.md, section 3):
   (``einsum("be,e...->b...")``), and the batch is folded into the channel axis so that one
   grouped convolution (groups = B * original groups) applies every sample's own kernel.
   No Python loop over samples.
+- Convolutions are linear in their kernel, so a layer can equally mix **outputs**
+  (``mix="outputs"``): one dense convolution with all E experts' kernels stacked as output
+  channels, then each sample's E outputs weighted by its mixture. E times the arithmetic
+  and E times the activation memory of that layer, but dense convolutions (tensor cores,
+  channels_last) instead of grouped ones, and no per-sample kernel gradient. Same result up to
+  float rounding; which is faster depends on the device (``benchmarks/run.py`` measures both).
+  Layers with ``groups > 1`` and linear layers always mix kernels.
 - Routers start from a well-defined mixture (``start="uniform"`` or ``"global"``) unless
   ``start="random"`` asks for the reference's default ``nn.Linear`` initialisation.
 """
@@ -37,8 +44,10 @@ from torch import Tensor, nn
 
 Gate = Literal["softmax", "sigmoid"]
 Start = Literal["uniform", "global", "random"]
+Mix = Literal["kernels", "outputs"]
 GATES: tuple[str, ...] = ("softmax", "sigmoid")
 STARTS: tuple[str, ...] = ("uniform", "global", "random")
+MIXES: tuple[str, ...] = ("kernels", "outputs")
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -160,6 +169,9 @@ class RoutedLayer(nn.Module):
             follows ``.to()`` but is not saved.
         record_mixture: When True, every forward stores the batch-mean weights, detached, in
             ``last_mixture`` [E] (for routing heatmaps).
+        mix: ``"kernels"`` (one mixed kernel per sample, grouped convolution) or ``"outputs"``
+            (convolutions only: every expert's output, weighted per sample); see the module
+            docstring. Set it on a whole net with ``nets.routed.set_mix``.
     """
 
     expert_weight: Tensor
@@ -189,6 +201,7 @@ class RoutedLayer(nn.Module):
         self.router = Router(in_features, num, config)
         self.record_mixture = False
         self.last_mixture: Tensor | None = None
+        self.mix: Mix = "kernels"
 
     @property
     def num_experts(self) -> int:
@@ -230,6 +243,16 @@ class RoutedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, gate={self.router.gate}"
+
+
+def _weigh_outputs(y: Tensor, w: Tensor, bias: Tensor | None, experts: int) -> Tensor:
+    """Per-sample mixture of expert outputs: ``y`` [B, E*C, H, W] (expert-major channels),
+    ``w`` [B, E], mixed ``bias`` [B, C] or None -> [B, C, H, W], in ``y``'s dtype."""
+    b = y.shape[0]
+    out = (y.unflatten(1, (experts, -1)) * w.to(y.dtype).view(b, experts, 1, 1, 1)).sum(1)
+    if bias is not None:
+        out = out + bias.to(out.dtype).view(b, -1, 1, 1)
+    return out
 
 
 def _keep_channels_last(out: Tensor, x: Tensor) -> Tensor:
@@ -315,6 +338,11 @@ class RoutedConv2d(RoutedLayer):
         if x.dim() == 3:
             return self(x.unsqueeze(0)).squeeze(0)
         w = self.routing_weights(x)
+        if w.dim() == 2 and self.mix == "outputs" and self.groups == 1:
+            kernels = self.expert_kernels.flatten(0, 1)  # [E*Cout, Cin, kh, kw], a view
+            y = self._conv(x, kernels, None, 1)
+            bias = None if self.expert_bias is None else w.to(self.expert_bias.dtype) @ self.expert_bias
+            return _keep_channels_last(_weigh_outputs(y, w, bias, self.num_experts), x)
         weight, bias = self._mix(w)
         if w.dim() == 1:
             return self._conv(x, weight, bias, self.groups)
@@ -398,6 +426,13 @@ class RoutedConvTranspose2d(RoutedLayer):
             return self(x.unsqueeze(0), output_size).squeeze(0)
         out_pad = self._output_padding(x, output_size)
         w = self.routing_weights(x)
+        if w.dim() == 2 and self.mix == "outputs" and self.groups == 1:
+            # [E, Cin, Cout, kh, kw] -> [Cin, E*Cout, kh, kw]: expert-major output channels
+            kernels = self.expert_kernels.transpose(0, 1).flatten(1, 2)
+            y = F.conv_transpose2d(x, kernels, None, self.stride, self.padding, out_pad, 1,
+                                   self.dilation)
+            bias = None if self.expert_bias is None else w.to(self.expert_bias.dtype) @ self.expert_bias
+            return _keep_channels_last(_weigh_outputs(y, w, bias, self.num_experts), x)
         weight, bias = self._mix(w)
         if w.dim() == 1:
             return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, out_pad,

@@ -16,6 +16,7 @@ from iopfl_lightning.nets.routed import (
     routed_layers,
     router_parameters,
     set_gate_override,
+    set_mix,
     set_mixture_recording,
 )
 from iopfl_lightning.nets.routed_layers import (
@@ -142,10 +143,13 @@ def conv_layer(cin, cout, k, groups, bias=True, **kw) -> RoutedConv2d:
         (4, 4, 3, dict(padding=1, groups=4, config=RouterConfig(start="random", gate="sigmoid"))),
     ],
 )
-def test_conv2d_batched_matches_loop(cin, cout, k, kw):
+@pytest.mark.parametrize("mix", ["kernels", "outputs"])
+def test_conv2d_batched_matches_loop(cin, cout, k, kw, mix):
     torch.manual_seed(0)
+    kw = dict(kw)
     groups = kw.pop("groups", 1)
     layer = conv_layer(cin, cout, k, groups, **kw)
+    layer.mix = mix
     assert_batched_matches_loop(layer, torch.randn(3, cin, 9, 7))
 
 
@@ -157,11 +161,13 @@ def test_conv2d_batched_matches_loop(cin, cout, k, kw):
         dict(stride=3, padding=1, output_padding=(2, 0), dilation=2),
     ],
 )
-def test_conv_transpose2d_batched_matches_loop(kw):
+@pytest.mark.parametrize("mix", ["kernels", "outputs"])
+def test_conv_transpose2d_batched_matches_loop(kw, mix):
     torch.manual_seed(0)
     groups = kw.get("groups", 1)
     weight = torch.randn(E, 4, 6 // groups, 3, 3)
     layer = RoutedConvTranspose2d(weight, torch.randn(E, 6), config=RANDOM, **kw)
+    layer.mix = mix
     assert_batched_matches_loop(layer, torch.randn(3, 4, 5, 6))
 
 
@@ -196,9 +202,11 @@ def test_fixed_override_fast_path_equals_batched_path():
         layer.set_gate_override(torch.ones(E + 1))
 
 
-def test_channels_last_and_bf16_autocast():
+@pytest.mark.parametrize("mix", ["kernels", "outputs"])
+def test_channels_last_and_bf16_autocast(mix):
     torch.manual_seed(0)
     layer = conv_layer(4, 6, 3, 1, padding=1)
+    layer.mix = mix
     x = torch.randn(2, 4, 8, 8)
     xc = x.contiguous(memory_format=torch.channels_last)
     layer.to(memory_format=torch.channels_last)  # the usual idiom must not trip on expert buffers
@@ -206,12 +214,35 @@ def test_channels_last_and_bf16_autocast():
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, layer(x))
     up = RoutedConvTranspose2d(torch.randn(E, 6, 4, 2, 2), torch.randn(E, 4), stride=2)
+    up.mix = mix
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = up(layer(xc))
         low.float().sum().backward()
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), up(layer(x)), atol=0.3, rtol=0.05)
     assert layer.router.fc2.weight.grad is not None
+
+
+def test_mixing_outputs_equals_mixing_kernels_in_a_net():
+    """The two ways of computing a routed net give the same logits and router gradients;
+    the grouped conv and the linear layer of SmallNet stay on kernels."""
+    torch.manual_seed(0)
+    net = SmallNet()
+    routed = build_routed_net(net, expert_states(net, E, share_norms=False), start="random")
+    x = torch.randn(3, 3, 10, 10)
+    results = {}
+    for mix in ("kernels", "outputs"):
+        set_mix(routed, mix)
+        routed.zero_grad()
+        out = routed(x)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results[mix] = (out.detach(), [p.grad.clone() for p in router_parameters(routed)])
+    torch.testing.assert_close(results["outputs"][0], results["kernels"][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results["outputs"][1], results["kernels"][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert {layer.mix for _, layer in routed_layers(routed)} == {"outputs"}
+    with pytest.raises(ValueError, match="mix must be one of"):
+        set_mix(routed, "experts")
 
 
 # --------------------------------------------------------------------------- starts
