@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from iopfl_lightning.federated.state import StateDict, is_float
+from iopfl_lightning.federated.state import StateDict, group_keys, is_float
 
 ServerOptName = Literal["fedavg", "fedavgm", "fedadam"]
 
@@ -28,7 +28,9 @@ class UpdateAccumulator:
     """Streams client results into running weighted sums (memory: about two models).
 
     ``add`` reads the client's tensors and never modifies them, so the caller can pass the live
-    module's ``state_dict()`` without cloning it.
+    module's ``state_dict()`` without cloning it. The arithmetic is that of a per-key loop
+    (``sum += (w - g) * weight``, ``sum / total``) done as grouped foreach ops: the key groups
+    are fixed here, once per round.
     """
 
     def __init__(self, global_state: Mapping[str, Tensor], param_keys: set[str]):
@@ -39,36 +41,57 @@ class UpdateAccumulator:
         self.int_max: StateDict = {}
         self.total_weight = 0.0
         self.num_clients = 0
+        keys = list(global_state)
+        self._params = [k for k in keys if k in param_keys]
+        self._floats = [k for k in keys if k not in param_keys and is_float(global_state[k])]
+        self._ints = [k for k in keys if k not in param_keys and not is_float(global_state[k])]
+        self._param_groups = group_keys(global_state, self._params)
+        self._float_groups = group_keys(global_state, self._floats)
+        self._global_groups = [[global_state[k] for k in g] for g in self._param_groups]
 
+    @torch.no_grad()
     def add(self, client_state: Mapping[str, Tensor], weight: float) -> None:
         if weight <= 0:
             raise ValueError(f"client weight must be positive, got {weight}")
-        for k, g in self.global_state.items():
-            w = client_state[k].detach()
-            if k in self.param_keys:
-                self._accumulate(self.delta_sum, k, (w - g) * weight)
-            elif is_float(g):
-                self._accumulate(self.buffer_sum, k, w * weight)
+        for keys, gs in zip(self._param_groups, self._global_groups, strict=True):
+            delta = torch._foreach_sub([client_state[k] for k in keys], gs)
+            torch._foreach_mul_(delta, weight)
+            self._accumulate(self.delta_sum, keys, delta)
+        for keys in self._float_groups:
+            self._accumulate(
+                self.buffer_sum, keys, torch._foreach_mul([client_state[k] for k in keys], weight)
+            )
+        if self._ints:
+            ws = [client_state[k] for k in self._ints]
+            if self.num_clients:  # out of place: values handed out by mean_buffers stay as they are
+                ws = torch._foreach_maximum([self.int_max[k] for k in self._ints], ws)
             else:
-                prev = self.int_max.get(k)
-                self.int_max[k] = w.clone() if prev is None else torch.maximum(prev, w)
+                ws = [w.clone() for w in ws]
+            self.int_max.update(zip(self._ints, ws, strict=True))
         self.total_weight += weight
         self.num_clients += 1
 
-    @staticmethod
-    def _accumulate(store: StateDict, key: str, value: Tensor) -> None:
-        if key in store:
-            store[key].add_(value)
+    def _accumulate(self, store: StateDict, keys: list[str], values: list[Tensor]) -> None:
+        if self.num_clients:
+            torch._foreach_add_([store[k] for k in keys], values)
         else:
-            store[key] = value  # a fresh tensor from the arithmetic above
+            store.update(zip(keys, values, strict=True))  # fresh tensors from the arithmetic
+
+    @torch.no_grad()
+    def _mean(self, store: StateDict, groups: list[list[str]], order: list[str]) -> StateDict:
+        out: StateDict = {}
+        for keys in groups:
+            out.update(zip(keys, torch._foreach_div([store[k] for k in keys], self.total_weight),
+                           strict=True))
+        return {k: out[k] for k in order}  # the global state's key order
 
     def mean_delta(self) -> StateDict:
         self._require_clients()
-        return {k: v / self.total_weight for k, v in self.delta_sum.items()}
+        return self._mean(self.delta_sum, self._param_groups, self._params)
 
     def mean_buffers(self) -> StateDict:
         self._require_clients()
-        out = {k: v / self.total_weight for k, v in self.buffer_sum.items()}
+        out = self._mean(self.buffer_sum, self._float_groups, self._floats)
         out.update(self.int_max)
         return out
 

@@ -45,7 +45,15 @@ from iopfl_lightning.federated.participation import select_clients
 from iopfl_lightning.federated.personalize import check_alpha
 from iopfl_lightning.federated.progress import describe_round
 from iopfl_lightning.federated.routing_space import check_run_owns, write_routing_space
-from iopfl_lightning.federated.state import StateDict, all_finite, clone_state, norm_keys, subset
+from iopfl_lightning.federated.state import (
+    StateDict,
+    all_finite,
+    clone_state,
+    copy_into,
+    live_state,
+    norm_keys,
+    subset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +143,7 @@ class FederatedTrainer(Callback):
         self.server: ServerOptimizer | None = None
         self._server_state: dict | None = None
         self._accumulator: UpdateAccumulator | None = None
+        self._live: StateDict | None = None  # the net's own tensors, refreshed every round
         self._client: int | None = None
         self.run_id: str | None = None
         self.nonfinite: list[tuple[int, str]] = []  # (round, site) of every skipped client
@@ -197,6 +206,9 @@ class FederatedTrainer(Callback):
     # ---------------------------------------------------------------- rounds
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._accumulator = UpdateAccumulator(self.global_state, self._param_keys)
+        # Client switches read and write the net through this mapping (grouped copies instead of
+        # state_dict/load_state_dict). Rebuilt each round: moving the net replaces its buffers.
+        self._live = live_state(self._net(pl_module))
         self._client = None
 
     def on_train_batch_start(
@@ -247,10 +259,10 @@ class FederatedTrainer(Callback):
     def _start_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
         if not 0 <= client < len(self.sites):
             raise ValueError(f"batch has client index {client}, but there are {len(self.sites)} sites")
-        net = self._net(pl_module)
-        net.load_state_dict(self.global_state)
-        if client in self.local_norms:
-            net.load_state_dict(self.local_norms[client], strict=False)
+        start = self.global_state
+        if client in self.local_norms:  # the client's own keys over the global weights
+            start = {**start, **self.local_norms[client]}
+        copy_into(self._live, start)
         for i, optimizer in enumerate(trainer.optimizers):
             stored = self.client_optimizer_states.get(client, {}).get(i)
             if stored is not None:
@@ -280,7 +292,7 @@ class FederatedTrainer(Callback):
 
     def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         client = self._client
-        local = self._net(pl_module).state_dict()
+        local = {k: v.detach() for k, v in self._live.items()}  # what state_dict() returns
         self._client = None
         if not all_finite(local):
             self._nonfinite_client(client)
@@ -327,8 +339,9 @@ class FederatedTrainer(Callback):
             params = self.server.step(self._accumulator.mean_delta())
             merged = {**self._accumulator.mean_buffers(), **params}
             self.global_state = {k: merged[k] for k in self.global_state}  # keep key order
-        self._net(pl_module).load_state_dict(self.global_state)
+        copy_into(self._live, self.global_state)
         self._accumulator = None
+        self._live = None
         self.round += 1
         self._publish(pl_module)
 

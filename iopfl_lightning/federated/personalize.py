@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from iopfl_lightning.federated.state import StateDict, clone_state, is_float
+from iopfl_lightning.federated.state import StateDict, clone_state, copy_into, group_keys, is_float
 
 
 def check_alpha(alpha: float) -> float:
@@ -24,14 +24,21 @@ def check_alpha(alpha: float) -> float:
 
 @torch.no_grad()
 def ema_update(previous: StateDict | None, local: Mapping[str, Tensor], alpha: float) -> StateDict:
-    """Returns the updated copy; ``previous`` is updated in place, ``local`` is never modified."""
+    """Returns the updated copy; ``previous`` is updated in place, ``local`` is never modified.
+
+    Per float entry ``p.mul_(alpha).add_(w, alpha=1 - alpha)``, done as two foreach ops per
+    (device, dtype) group of ``previous``.
+    """
     check_alpha(alpha)
     if previous is None:
         return clone_state(local)
-    for k, w in local.items():
-        p = previous[k]
-        if is_float(p):
-            p.mul_(alpha).add_(w.detach(), alpha=1.0 - alpha)
-        else:
-            p.copy_(w)
+    floats: list[str] = []
+    ints: list[str] = []
+    for k in local:
+        (floats if is_float(previous[k]) else ints).append(k)
+    for keys in group_keys(previous, floats):
+        ps = [previous[k] for k in keys]
+        torch._foreach_mul_(ps, alpha)
+        torch._foreach_add_(ps, [local[k] for k in keys], alpha=1.0 - alpha)
+    copy_into(previous, local, ints)
     return previous

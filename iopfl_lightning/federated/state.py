@@ -3,6 +3,11 @@
 A state dict here is the full ``module.state_dict()``: parameters and buffers. Floating-point
 entries are averaged / interpolated; integer entries (``num_batches_tracked``) are not, and each
 function says what it does with them.
+
+Hot paths (a client switch, an aggregation) act on ~100 small tensors, so their cost is per-op
+host overhead: they use grouped ``torch._foreach_*`` ops (one call per (device, dtype) group;
+multi-tensor kernels on CUDA) instead of a Python loop or ``load_state_dict``. On the CPU a
+foreach op runs the same per-tensor kernels in C++, so results are bitwise those of the loop.
 """
 
 from __future__ import annotations
@@ -24,6 +29,44 @@ def clone_state(state: Mapping[str, Tensor]) -> StateDict:
 
 def is_float(t: Tensor) -> bool:
     return torch.is_floating_point(t)
+
+
+def live_state(net: nn.Module) -> StateDict:
+    """The module's own tensors by state key (parameters as their ``Parameter`` objects).
+
+    Reads and in-place writes through it skip ``state_dict`` / ``load_state_dict``. Moving the
+    module (``.to``) replaces its buffer objects, so rebuild the mapping after a move.
+    """
+    return dict(net.state_dict(keep_vars=True))
+
+
+def group_keys(state: Mapping[str, Tensor], keys: Iterable[str]) -> list[list[str]]:
+    """``keys`` (in order) split by the (device, dtype) of their tensor: one foreach call each."""
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for k in keys:
+        t = state[k]
+        groups.setdefault((t.device, t.dtype), []).append(k)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def copy_into(live: Mapping[str, Tensor], state: Mapping[str, Tensor],
+              keys: Iterable[str] | None = None) -> None:
+    """``live[k].copy_(state[k])`` for every key of ``state`` (or ``keys``), in place.
+
+    What ``load_state_dict`` does for a matching state, as one ``_foreach_copy_`` per
+    (device, dtype) pair of target and source. Shapes must match (``copy_`` would broadcast).
+    """
+    groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+    for k in state if keys is None else keys:
+        dst, src = live[k], state[k]
+        if dst.shape != src.shape:
+            raise ValueError(f"key {k!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+        dsts, srcs = groups.setdefault((dst.device, dst.dtype, src.device, src.dtype), ([], []))
+        dsts.append(dst)
+        srcs.append(src)
+    for dsts, srcs in groups.values():
+        torch._foreach_copy_(dsts, srcs)
 
 
 def norm_keys(net: nn.Module) -> set[str]:
