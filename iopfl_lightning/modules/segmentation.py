@@ -68,6 +68,8 @@ class SegmentationModule(pl.LightningModule):
         self.personalized_states: dict[str, dict[str, torch.Tensor]] = {}
         self._evaluator: SiteEvaluator | None = None
         self._overlays: OverlayCases | None = None
+        self._round_loss: torch.Tensor | None = None
+        self._round_batches = 0
         if in_channels is not None and num_classes is not None:
             self._build(in_channels, num_classes)
 
@@ -127,8 +129,21 @@ class SegmentationModule(pl.LightningModule):
         compiled = self.__dict__.get("_compiled_net")
         logits = self(batch["image"]) if compiled is None else compiled(self._prepare(batch["image"]))
         loss = self.loss_fn(logits, batch["mask"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        # Not on the progress bar: Lightning turns progress-bar values into Python numbers at
+        # every batch end, a host-device synchronisation per step that stalls a GPU's queue.
+        # The bar shows the round's mean batch loss instead, read back once per round.
+        self.log("train/loss", loss, batch_size=batch["image"].shape[0])
+        detached = loss.detach()
+        self._round_loss = detached if self._round_loss is None else self._round_loss + detached
+        self._round_batches += 1
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._round_loss, self._round_batches = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._round_batches:
+            self.log("train/round_loss", self._round_loss / self._round_batches, prog_bar=True)
 
     # ------------------------------------------------------------ evaluation
     def _site(self, stage: str, dataloader_idx: int) -> str:
