@@ -6,7 +6,9 @@
 # 2. runs the benchmark at the paper's setting (UNet features 32, 384x384, batch 16, 5 clients;
 #    routed step batch 16, 384x384, 6 experts) in bf16-mixed + channels_last with the data
 #    kept on the GPU (data.device_cache), plus the engine through ordinary DataLoaders and in
-#    fp32 for reference; the routed step both mixing kernels and mixing outputs;
+#    fp32 for reference; the routed step both mixing kernels and mixing outputs; then the
+#    client-switch / aggregation state operations, old (load_state_dict, per-key loops) vs
+#    grouped foreach ops (benchmarks/state_ops_bench.py);
 # 3. runs the GPU-relevant tests (benchmark on CUDA, federated callback, routed layers, device
 #    cache, metrics, fused Adam);
 # 4. the federated rounds once more under Lightning's SimpleProfiler and torch.profiler (host
@@ -34,6 +36,8 @@ status=0
 $PY benchmarks/run.py --preset paper --device cuda --workers 4 --fp32-engine --loader-engine \
   --out "$OUT/paper.json" 2>&1 | tee "$OUT/paper.log" || status=1
 echo "elapsed ${SECONDS}s"
+$PY benchmarks/state_ops_bench.py --device cuda --out "$OUT/state_ops.json" 2>&1 \
+  | tee "$OUT/state_ops.log" || status=1
 $PY -m pytest -q -p no:cacheprovider tests/test_benchmarks.py tests/federated \
   tests/nets/test_routed.py tests/data/test_device_cache.py tests/test_metrics.py \
   tests/modules/test_optim.py 2>&1 | tail -15 | tee "$OUT/tests.log" || status=1
