@@ -21,6 +21,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
 
 from iopfl_lightning import tracking
 from iopfl_lightning.checkpoint_io import use_atomic_checkpoints
@@ -62,6 +63,16 @@ class IOPFLCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
         return trainer
+
+    def _refuse_used_run_folder(self) -> None:
+        """Lightning creates a CSV logger's writer before any callback runs, and that writer
+        deletes an existing ``metrics.csv``; so a run forced into a used version folder would
+        lose it even though ``config.yaml`` then stops the run. Refuse first."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, CSVLogger) and getattr(logger, "_experiment", None) is None:
+                tracking.refuse_used_run_folder(logger.log_dir)
+
+    before_fit = before_validate = before_test = before_predict = _refuse_used_run_folder
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit", True):

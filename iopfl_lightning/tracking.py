@@ -139,6 +139,21 @@ class WandbRunLogger(CSVLogger):
         self.wandb.finalize(status)
 
 
+RUN_FILES = ("config.yaml", "metrics.csv", "results.csv")
+
+
+def refuse_used_run_folder(log_dir: str | Path) -> None:
+    """Raise if ``log_dir`` already holds a run's files: a new run there would replace them
+    (Lightning's CSV writer deletes ``metrics.csv`` as soon as it starts)."""
+    found = [name for name in RUN_FILES if (Path(log_dir) / name).is_file()]
+    if found:
+        raise RuntimeError(
+            f"run folder {log_dir} already holds a run ({', '.join(found)}); refusing to write "
+            "into it, which would replace its metrics.csv. Leave the logger's version unset for a "
+            "new version folder, give another one, or move the folder away"
+        )
+
+
 def wandb_logger(trainer: pl.Trainer | None) -> WandbLogger | None:
     """The trainer's Lightning WandbLogger (inside a WandbRunLogger or plain), else None."""
     for logger in getattr(trainer, "loggers", None) or []:

@@ -37,6 +37,8 @@ def read_records(path: Path) -> list:
         if left < 7 or kind == 0:  # block trailer or padding
             pos += left
             continue
+        if pos + 7 + length > len(data):  # wandb is still writing this record: read it later
+            break
         partial += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a FULL record or the LAST piece of one
@@ -118,3 +120,11 @@ def test_cli_fit_logs_metrics_config_table_and_pictures_offline(no_credentials):
     assert {"trainer", "model", "data", "lr", "overlay_cases"} <= config_keys
     media = {p.parent.name + "/" + p.name.split("_")[0] for p in (run / "files" / "media").rglob("*.*")}
     assert {"test/results", "test/site", "test/overlays"} <= media
+
+
+def test_a_used_run_folder_is_refused_before_its_metrics_are_touched(tmp_path):
+    tracking.refuse_used_run_folder(tmp_path)  # empty: a new run may start here
+    (tmp_path / "metrics.csv").write_text("epoch,step\n0,1\n")
+    with pytest.raises(RuntimeError, match=r"already holds a run \(metrics.csv\)"):
+        tracking.refuse_used_run_folder(tmp_path)
+    assert (tmp_path / "metrics.csv").read_text() == "epoch,step\n0,1\n"
