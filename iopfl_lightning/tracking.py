@@ -123,6 +123,13 @@ class WandbRunLogger(CSVLogger):
                      "logging offline to %s/wandb; upload with `wandb sync %s/wandb/offline-run-*`",
                      folder, folder)
 
+    @property
+    def experiment(self) -> Any:
+        """The CSV writer; refused in a folder that holds a run (it would delete metrics.csv)."""
+        if self._experiment is None:
+            refuse_used_run_folder(self.log_dir)
+        return super().experiment
+
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         super().log_hyperparams(params, *args, **kwargs)
         self.wandb.log_hyperparams(params)

@@ -128,3 +128,9 @@ def test_a_used_run_folder_is_refused_before_its_metrics_are_touched(tmp_path):
     with pytest.raises(RuntimeError, match=r"already holds a run \(metrics.csv\)"):
         tracking.refuse_used_run_folder(tmp_path)
     assert (tmp_path / "metrics.csv").read_text() == "epoch,step\n0,1\n"
+    logger = tracking.WandbRunLogger(str(tmp_path.parent), name=tmp_path.name, version="",
+                                     offline=True)
+    assert Path(logger.log_dir) == tmp_path
+    with pytest.raises(RuntimeError, match="already holds a run"):
+        logger.experiment  # noqa: B018 (the property is what is tested)
+    assert (tmp_path / "metrics.csv").is_file()
