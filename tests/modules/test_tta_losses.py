@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from iopfl_lightning.modules import tta_losses as tl
 
@@ -67,3 +68,17 @@ def test_consistency_and_shape():
     with pytest.raises(ValueError, match="shape_loss"):
         tl.shape_loss(edge, "sdf")  # type: ignore[arg-type]
     assert math.isfinite(tl.smoothness_loss(edge).item())
+
+
+@pytest.mark.parametrize("radius,shape", [(1, (2, 1, 7, 9)), (3, (1, 2, 12, 10)), (10, (2, 1, 30, 25))])
+def test_window_max_is_max_pool(radius, shape):
+    """Column max then row max is the square max pool exactly, and without ties (random data)
+    the gradient reaches the same pixels."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(radius), requires_grad=True)
+    y = torch.randn(*shape, generator=torch.Generator().manual_seed(radius + 1))
+    want = F.max_pool2d(x, 2 * radius + 1, 1, radius)
+    got = tl.window_max(x, radius)
+    assert torch.equal(got, want)
+    (grad_want,) = torch.autograd.grad((want * y).sum(), x)
+    (grad_got,) = torch.autograd.grad((got * y).sum(), x)
+    torch.testing.assert_close(grad_got, grad_want)
