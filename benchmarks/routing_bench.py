@@ -7,7 +7,8 @@ small perturbations (E = K personalized + 1 global). The baseline swaps every ro
 forward for a loop over the samples of the batch (one router call, one kernel mix and one
 convolution per sample), as the IOP-FL reference does; everything else is identical.
 ``batched`` mixes kernels (grouped convolutions, the default); ``batched_outputs`` is the same
-net mixing expert outputs (``RoutingModule(mix="outputs")``: dense convolutions).
+net mixing expert outputs (``RoutingModule(mix="outputs")``: dense convolutions), both in the
+requested memory format; ``variants`` has all four of mix x (channels_last, NCHW).
 """
 
 from __future__ import annotations
@@ -127,12 +128,19 @@ def routed_bench(features: int, size: int, batch: int, experts: int, device: tor
     x = torch.randn(batch, 3, size, size, device=device)
     check = max_difference(batched, loop, x[: min(batch, 2)])
     mix_check = mix_difference(batched, x[: min(batch, 2)])
-    batched.net.to(memory_format=memory_format)
-    xf = x.contiguous(memory_format=memory_format)
-    out = {"batched": time_steps(batched, xf, device, precision, steps)}
-    set_mix(batched.net, "outputs")
-    out["batched_outputs"] = time_steps(batched, xf, device, precision, steps)
+    variants = {}
+    for mix in ("kernels", "outputs"):
+        for fmt_name, fmt in (("channels_last", torch.channels_last),
+                              ("nchw", torch.contiguous_format)):
+            set_mix(batched.net, mix)
+            batched.net.to(memory_format=fmt)
+            variants[f"{mix}_{fmt_name}"] = time_steps(
+                batched, x.contiguous(memory_format=fmt), device, precision, steps)
+    chosen = "channels_last" if channels_last else "nchw"
+    out = {"batched": variants[f"kernels_{chosen}"],
+           "batched_outputs": variants[f"outputs_{chosen}"], "variants": variants}
     set_mix(batched.net, "kernels")
+    batched.net.to(memory_format=memory_format)
     out["loop_fp32"] = time_steps(loop, x, device, "32-true", loop_steps)
     if precision != "32-true":
         out["batched_fp32"] = time_steps(batched, x.contiguous(memory_format=memory_format),

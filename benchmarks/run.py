@@ -221,6 +221,8 @@ def table(results: dict) -> str:
                 lp["images_per_s"])
         row("routed step, s (min)", b["step_s"]["min"], lp["step_s"]["min"], 3)
         row("routed step peak memory, MB", b["peak_mb"], lp["peak_mb"], 0)
+        lines.append("routed step img/s by mix x memory format: " + ", ".join(
+            f"{name} {v['images_per_s']:.1f}" for name, v in rt.get("variants", {}).items()))
         lines.append(f"routed batched vs loop max |diff| (fp32 logits): "
                      f"{rt['loop_vs_batched_max_abs_diff']:.2e}; mixing kernels vs outputs: "
                      f"{rt['kernels_vs_outputs_max_abs_diff']:.2e}")

@@ -134,6 +134,7 @@ class RoutingModule(pl.LightningModule):
         train_norm_affine: bool = True,
         overlay_cases: int = 3,
         mix: Mix = "kernels",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self._check_args(gate, start, norm, shape_loss, eval_mode, baselines, lr, noise_std,
@@ -158,6 +159,10 @@ class RoutingModule(pl.LightningModule):
         if self.tent_net is not None:
             _trainable_only(self.tent_net, norm_affine_parameters(self.tent_net))
         self.plain = base.requires_grad_(False)  # architecture for functional_call baselines
+        if channels_last:
+            for net in (self.net, self.tent_net, self.plain):
+                if net is not None:
+                    net.to(memory_format=torch.channels_last)
         if norm == "batch":
             for net in self.adapted_nets().values():
                 use_batch_statistics(net)
@@ -231,7 +236,12 @@ class RoutingModule(pl.LightningModule):
 
     def forward(self, image: Tensor) -> Tensor:
         """Logits of the routed net."""
-        return self.net(image)
+        return self.net(self._prepare(image))
+
+    def _prepare(self, image: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            return image.contiguous(memory_format=torch.channels_last)
+        return image
 
     # ------------------------------------------------------------ fitting (no labels)
     def on_fit_start(self) -> None:
@@ -271,7 +281,7 @@ class RoutingModule(pl.LightningModule):
         optimizer.step()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        image = batch["image"]  # the target's labels are never read here
+        image = self._prepare(batch["image"])  # the target's labels are never read here
         self._steps += 1
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -286,17 +296,17 @@ class RoutingModule(pl.LightningModule):
             self._step(optimizers[1], tent_loss)
             self.log("adapt/tent_entropy", tent_loss.detach(), batch_size=size)
         if self.hparams.eval_mode == "online":
-            self._record_online(batch)
+            self._record_online(batch, image)
         return loss.detach()
 
     @torch.no_grad()
-    def _record_online(self, batch: dict) -> None:
+    def _record_online(self, batch: dict, image: Tensor) -> None:
         """Store each adapted net's argmax on ``batch`` right after its update (CPU, uint8)."""
         keys = _keys(batch)
         self.eval()
         try:
             for name, net in self.adapted_nets().items():
-                preds = net(batch["image"]).argmax(1).to(torch.uint8).cpu()
+                preds = net(image).argmax(1).to(torch.uint8).cpu()
                 self._online[name].update(zip(keys, preds, strict=True))
                 if name == "routed":
                     self._mixtures.update(net, len(keys))
@@ -340,7 +350,7 @@ class RoutingModule(pl.LightningModule):
         return ensemble_probabilities(self.plain, self._dev_states, image).clamp_min(1e-8).log()
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        site, image = self._site(dataloader_idx), batch["image"]
+        site, image = self._site(dataloader_idx), self._prepare(batch["image"])
         nets, online = self.adapted_nets(), self.hparams.eval_mode == "online"
         logits: dict[str, Tensor] = {}
         for name in [*self.baselines, "routed"]:

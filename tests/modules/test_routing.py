@@ -125,28 +125,32 @@ def test_uniform_start_is_the_uniform_weight_average(space):
         assert not torch.allclose(functional_call(module.plain, states[-1], (x,)), expected)
 
 
-def test_mixing_outputs_fits_the_same_routers(space):
-    """``mix="outputs"`` is another way to compute the same routed step: same objective and
-    router gradients as the default, to float rounding."""
+def test_mix_and_memory_format_fit_the_same_routers(space):
+    """``mix="outputs"`` and ``channels_last`` are other ways to compute the same routed step:
+    same objective and router gradients as the default, to float rounding."""
     image = outside_dm().dataset("UCL", "test", labels=False)[0]["image"]
     batch = torch.stack([image, image.flip(-1), image.flip(-2)])
     results = []
-    for mix in ("kernels", "outputs"):
+    for mix, channels_last in (("kernels", False), ("outputs", False), ("kernels", True),
+                               ("outputs", True)):
         torch.manual_seed(0)  # the same random router start, and the same augmented view
-        module = RoutingModule(space, baselines=[], start="random", mix=mix)
+        module = RoutingModule(space, baselines=[], start="random", mix=mix,
+                               channels_last=channels_last)
         assert {layer.mix for _, layer in routed_layers(module.net)} == {mix}
-        loss = module.routed_objective(batch)[0]
+        loss = module.routed_objective(module._prepare(batch))[0]
         loss.backward()
         results.append((loss.detach(), [p.grad for p in module.net.parameters() if p.requires_grad]))
-    (loss_k, grads_k), (loss_o, grads_o) = results
-    torch.testing.assert_close(loss_o, loss_k, atol=1e-5, rtol=1e-5)
-    for a, b in zip(grads_o, grads_k, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    (loss_k, grads_k), *others = results
+    for loss, grads in others:
+        torch.testing.assert_close(loss, loss_k, atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads, grads_k, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["online", "offline"])
-def test_fit_then_test_reports_every_model(space, tmp_path, mode):
-    module = RoutingModule(space, eval_mode=mode)
+@pytest.mark.parametrize("mode,channels_last", [("online", False), ("offline", False),
+                                                ("online", True)])
+def test_fit_then_test_reports_every_model(space, tmp_path, mode, channels_last):
+    module = RoutingModule(space, eval_mode=mode, channels_last=channels_last)
     dm = outside_dm()
     trainer = tiny_trainer(1, [], tmp_path)
     trainer.fit(module, datamodule=dm)
