@@ -256,7 +256,8 @@ def _weigh_outputs(y: Tensor, w: Tensor, bias: Tensor | None, experts: int) -> T
 
 
 def _keep_channels_last(out: Tensor, x: Tensor) -> Tensor:
-    """Give ``out`` the channels_last layout when the input had it (folding loses it)."""
+    """Give ``out`` the channels_last layout when the input had it (dense convolutions of
+    mixed outputs stay in the input's format)."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return out.contiguous(memory_format=torch.channels_last)
     return out
@@ -351,7 +352,9 @@ class RoutedConv2d(RoutedLayer):
         bias = None if bias is None else bias.reshape(-1)
         out = self._conv(x.reshape(1, b * self.in_channels, *x.shape[2:]), weight, bias,
                          b * self.groups)
-        return _keep_channels_last(out.reshape(b, self.out_channels, *out.shape[2:]), x)
+        # NCHW out even for a channels_last input: folding the batch into the channels needs
+        # NCHW, so converting back would only make the next routed layer convert again.
+        return out.reshape(b, self.out_channels, *out.shape[2:])
 
     def _pool(self, x: Tensor) -> Tensor:
         return x.mean(dim=(2, 3))
@@ -443,7 +446,7 @@ class RoutedConvTranspose2d(RoutedLayer):
         out = F.conv_transpose2d(x.reshape(1, b * self.in_channels, *x.shape[2:]), weight, bias,
                                  self.stride, self.padding, out_pad, b * self.groups,
                                  self.dilation)
-        return _keep_channels_last(out.reshape(b, self.out_channels, *out.shape[2:]), x)
+        return out.reshape(b, self.out_channels, *out.shape[2:])  # NCHW, as RoutedConv2d
 
     def _pool(self, x: Tensor) -> Tensor:
         return x.mean(dim=(2, 3))
