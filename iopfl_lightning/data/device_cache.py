@@ -37,11 +37,25 @@ def cache_bytes(dataset: SiteDataset, image_shape: Sequence[int]) -> int:
     return len(dataset) * per_slice
 
 
+def _free_bytes(device: torch.device) -> int | None:
+    """Free memory where the cache would live: CUDA's free memory, or the host's available
+    memory (Linux ``/proc/meminfo``) for the CPU; None where it cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as info:
+                for line in info:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
 def _check_room(device: torch.device, needed: int, what: str) -> None:
-    if device.type != "cuda":
-        return
-    free, _ = torch.cuda.mem_get_info(device)
-    if needed > FREE_FRACTION * free:
+    free = _free_bytes(device)
+    if free is not None and needed > FREE_FRACTION * free:
         raise MemoryError(
             f"device_cache: {what} needs {needed / 2**30:.2f} GiB on {device} but only "
             f"{free / 2**30:.2f} GiB are free (at most {FREE_FRACTION:.0%} may be used); set "

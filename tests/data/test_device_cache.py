@@ -117,3 +117,12 @@ def test_cache_lives_on_the_gpu_and_batches_need_no_copy():
     want = ds.get_batch([4, 1])
     assert torch.equal(batch["image"].cpu(), want["image"])
     assert torch.equal(batch["mask"].cpu(), want["mask"])
+
+
+def test_a_cache_that_does_not_fit_is_refused_with_the_sizes(monkeypatch):
+    ds = SiteDataset(_cases(3), client=0, image_size=16)
+    monkeypatch.setattr("iopfl_lightning.data.device_cache._free_bytes", lambda device: 1000)
+    with pytest.raises(MemoryError, match=r"site 'HK' val needs 0.00 GiB on cpu but only"):
+        CachedSite(ds, "cpu", name="site 'HK' val")
+    monkeypatch.setattr("iopfl_lightning.data.device_cache._free_bytes", lambda device: None)
+    assert len(CachedSite(ds, "cpu")) == len(ds)  # unknown free memory: no refusal
