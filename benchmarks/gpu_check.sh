@@ -13,7 +13,8 @@
 #    cache, metrics, fused Adam);
 # 4. the federated rounds once more under Lightning's SimpleProfiler and torch.profiler (host
 #    time per hook, ops by host and GPU time; not a throughput figure: profilers add overhead);
-# 5. if time is left (< 300 s so far), the federated rounds again with torch.compile.
+# 5. if time is left (< 300 s so far), the federated rounds again with torch.compile;
+# 6. report.md: the figures and issue 8's targets as markdown for docs/performance.md.
 # Writes logs and JSON into $OUT (or the first argument). Run from the repository root:
 #   bash benchmarks/gpu_check.sh /tmp/gpu_check
 set -uo pipefail
@@ -52,5 +53,7 @@ if [ "$SECONDS" -lt 300 ]; then
 else
   echo "skipped the torch.compile run (${SECONDS}s elapsed)"
 fi
+$PY benchmarks/report.py "$OUT/paper.json" --state-ops "$OUT/state_ops.json" \
+  | tee "$OUT/report.md" || status=1
 echo "elapsed ${SECONDS}s, status $status"
 exit $status

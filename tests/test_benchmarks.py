@@ -70,6 +70,24 @@ def test_benchmark_tiny_cpu_json_is_complete(tmp_path):
     data = _run(tmp_path, "--device", "cpu")
     _check(data)
     assert data["precision"] == "32-true"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from report import report
+    finally:
+        sys.path.pop(0)
+    text = report(data)
+    assert f"| {data['federated']['lightning']['images_per_s']:.1f} |" in text
+    assert "targets apply to the paper preset on a GPU" in text
+
+
+def test_report_of_the_h200_run_checks_the_targets():
+    """The committed H200 run against issue 8's targets: every figure read from the JSON."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"),
+                             str(ROOT / "benchmarks" / "results" / "h200_paper.json")],
+                            capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "Device: NVIDIA H200" in result.stdout
+    assert "| round throughput, img/s | >= 675 | 242.33 | **no** |" in result.stdout
+    assert "| switches + aggregation, % of round | < 1 | 5.80 | **no** |" in result.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

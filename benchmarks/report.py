@@ -1,0 +1,118 @@
+"""Markdown for docs/performance.md from a benchmark JSON: the figures and issue 8's targets.
+
+    python benchmarks/report.py OUT/paper.json [--state-ops OUT/state_ops.json]
+
+Targets (issue 8, paper setting on an H100/H200): round throughput >= 2.5x the reference's
+fp32 local training (270 img/s), routed step >= 8x the reference's (19 img/s), client switches
+plus aggregation < 1 % of a round. Every number printed comes from the JSON; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REFERENCE_FP32_TRAINING = 270.0  # img/s, the reference's local training on an H200 (issue 8)
+REFERENCE_ROUTED_STEP = 19.0  # img/s, the reference's test-time routing step (issue 8)
+TARGETS = {"round": 2.5 * REFERENCE_FP32_TRAINING, "routed": 8 * REFERENCE_ROUTED_STEP,
+           "switch_pct": 1.0}
+
+
+def _f(x: float | None, nd: int = 1) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _rows(results: dict) -> list[tuple[str, str, str]]:
+    """(measure, ours, baseline) rows of whatever the JSON holds."""
+    rows = []
+    fed = results.get("federated") or {}
+    if fed:
+        e, p = fed["lightning"], fed["plain"]
+        rows += [
+            ("round throughput, img/s (best round)", _f(e["images_per_s"]), _f(p["images_per_s"])),
+            ("round throughput, img/s (median round)", _f(e["images_per_s_median"]),
+             _f(p["images_per_s_median"])),
+            ("client switch, ms (median)", _f(e["client_switch_ms"]["median"], 2),
+             _f(p["client_switch_ms"]["median"], 2)),
+            ("aggregation, ms (median)", _f(e["aggregation_ms"]["median"], 2),
+             _f(p["aggregation_ms"]["median"], 2)),
+            ("switches + aggregation, % of round", _f(e["switch_agg_pct_of_round"], 2),
+             _f(p["switch_agg_pct_of_round"], 2)),
+            ("peak memory, MB", _f(e["peak_mb"], 0), _f(p["peak_mb"], 0)),
+        ]
+        for key, label in (("lightning_fp32", "engine in fp32, no channels_last"),
+                           ("lightning_loaders", "engine through DataLoaders (no device cache)")):
+            if key in fed:
+                rows.append((f"round throughput, img/s, {label}", _f(fed[key]["images_per_s"]), ""))
+    routed = results.get("routed") or {}
+    if routed:
+        rows.append(("routed step, img/s (ours vs per-sample loop, fp32)",
+                     _f(routed["batched"]["images_per_s"]),
+                     _f(routed["loop_fp32"]["images_per_s"])))
+        for name, v in (routed.get("variants") or {}).items():
+            rows.append((f"routed step, img/s, {name.replace('_', ' + ', 1)}",
+                         _f(v["images_per_s"]), ""))
+    return rows
+
+
+def _best_routed(routed: dict) -> float | None:
+    if not routed:
+        return None
+    candidates = [routed["batched"]] + list((routed.get("variants") or {}).values())
+    return max(v["images_per_s"] for v in candidates)
+
+
+def report(results: dict, state_ops: dict | None = None) -> str:
+    lines = [f"- Date: {results['date']}. Device: {results['device']}, torch {results['torch']}.",
+             f"- Command: `{results['command']}`; precision {results['precision']}, channels_last "
+             f"{results['channels_last']}, device_cache {results.get('device_cache')}.", "",
+             "| measure | ours | baseline |", "| --- | ---: | ---: |"]
+    lines += [f"| {m} | {o} | {b} |" for m, o, b in _rows(results)]
+    fed, routed = results.get("federated") or {}, results.get("routed") or {}
+    measured = {
+        "round": fed.get("lightning", {}).get("images_per_s"),
+        "routed": _best_routed(routed),
+        "switch_pct": fed.get("lightning", {}).get("switch_agg_pct_of_round"),
+    }
+    if results.get("preset") != "paper" or "cpu" in results["device"].lower():
+        lines += ["", "(issue 8's targets apply to the paper preset on a GPU; none checked here)"]
+    else:
+        lines += _targets(measured)
+    if state_ops:
+        lines += ["", "| state op | aten calls old | new | ms old | ms new |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for row in state_ops.get("rows", []):
+            lines.append(f"| {row['step']} | {row['ops_old']} | {row['ops_new']} | "
+                         f"{row['ms_old']:.3f} | {row['ms_new']:.3f} |")
+    return "\n".join(lines)
+
+
+def _targets(measured: dict) -> list[str]:
+    lines = ["", "| target | required | measured | met? |", "| --- | ---: | ---: | --- |"]
+    for key, label in (("round", "round throughput, img/s"),
+                       ("routed", "routed step, img/s (best mix x memory format)"),
+                       ("switch_pct", "switches + aggregation, % of round")):
+        value, required = measured[key], TARGETS[key]
+        met = None if value is None else (value < required if key == "switch_pct"
+                                          else value >= required)
+        verdict = "n/a" if met is None else ("yes" if met else "**no**")
+        sign = "<" if key == "switch_pct" else ">="
+        lines.append(f"| {label} | {sign} {required:g} | {_f(value, 2)} | {verdict} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="JSON written by benchmarks/run.py --out")
+    parser.add_argument("--state-ops", type=Path, default=None,
+                        help="JSON written by benchmarks/state_ops_bench.py --out")
+    args = parser.parse_args(argv)
+    state_ops = json.loads(args.state_ops.read_text()) if args.state_ops else None
+    text = report(json.loads(args.results.read_text()), state_ops)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
