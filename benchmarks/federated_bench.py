@@ -48,6 +48,7 @@ class FedConfig:
     precision: str = "32-true"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode (both engines), with compile
     pin_memory: bool = False
     device_cache: bool = False  # engine only: data finished once and kept on the device
     seed: int = 0
@@ -145,7 +146,8 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
     dm = dm or make_datamodule(cfg)
     module = SegmentationModule(net="unet", features=cfg.features, lr=LR, val_hd95=False,
                                 channels_last=cfg.channels_last,
-                                **({"compile": True} if cfg.compile else {}))
+                                **({"compile": True, "compile_mode": cfg.compile_mode}
+                                   if cfg.compile else {}))
     fed = FederatedTrainer(alpha=ALPHA)
     methods = time_methods(fed, ["_start_client", "_finish_client", "_finish_round"], device,
                            when={"_finish_round": lambda: fed._accumulator is not None})
@@ -215,7 +217,8 @@ def plain_rounds(cfg: FedConfig, device: torch.device,
                       features=cfg.features).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    forward = torch.compile(model) if cfg.compile else model
+    mode = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
+    forward = torch.compile(model, **mode) if cfg.compile else model
     loss_fn = SegmentationLoss("dice")
     global_state = copy.deepcopy(model.state_dict())
     personalized: dict[int, dict] = {}

@@ -60,6 +60,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for CUDA, off for CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the net (both engines)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on CPU: steadier on a shared machine)")
     p.add_argument("--fp32-engine", action="store_true",
@@ -175,7 +178,8 @@ def _fmt(x: float, nd: int = 1) -> str:
 
 def table(results: dict) -> str:
     lines = [f"device: {results['device']}  precision: {results['precision']}  "
-             f"channels_last: {results['channels_last']}  compile: {results['compile']}  "
+             f"channels_last: {results['channels_last']}  compile: {results['compile']} "
+             f"({results.get('compile_mode', 'default')})  "
              f"device_cache: {results.get('device_cache')}",
              f"{'measure':44s} {'ours':>12s} {'baseline':>12s} {'ratio':>8s}"]
 
@@ -259,6 +263,7 @@ def main(argv=None) -> dict:
         "precision": args.precision,
         "channels_last": args.channels_last,
         "compile": args.compile,
+        "compile_mode": args.compile_mode,
         "device_cache": args.device_cache,
         "preset": args.preset,
     }

@@ -342,3 +342,20 @@ def test_deferred_range_check_raises_at_compute(cls):
     metric.reset()
     metric.update(good, good, 0)
     assert metric.compute().item() == (1.0 if cls is CaseDice else 0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_dice_equals_cpu_and_defers_the_range_check():
+    g = torch.Generator().manual_seed(3)
+    preds, target = torch.randint(0, 3, (6, 20, 20), generator=g), torch.randint(0, 3, (6, 20, 20), generator=g)
+    case = torch.tensor([0, 0, 1, 1, 2, 2])
+    cpu, gpu = CaseDice(3), CaseDice(3)
+    cpu.update(preds, target, case)
+    gpu = gpu.cuda()
+    gpu.update(preds.cuda(), target.cuda(), case.cuda())
+    assert torch.equal(gpu.compute().cpu(), cpu.compute())
+    bad = CaseDice(3).cuda()
+    bad.update(torch.full((1, 4, 4), 5, device="cuda"), torch.zeros(1, 4, 4, dtype=torch.long,
+                                                                      device="cuda"), 0)
+    with pytest.raises(ValueError, match="16 pixels of preds or target had labels outside"):
+        bad.compute()

@@ -8,6 +8,7 @@ copy through ``torch.func.functional_call``: no module is copied or moved to eva
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +21,9 @@ from iopfl_lightning.nets import build_from_spec, net_spec
 from iopfl_lightning.viz.collect import OverlayCases
 
 log = logging.getLogger(__name__)
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
 
 
 class SegmentationModule(pl.LightningModule):
@@ -35,6 +39,9 @@ class SegmentationModule(pl.LightningModule):
     compile: run the training forward through ``torch.compile`` (evaluation, which swaps in
         the personalized copies with ``functional_call``, stays eager). State dict keys and
         parameters are the net's own, so checkpoints and the FederatedTrainer are unaffected.
+    compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs: no
+        per-kernel launch cost; they need the weights at fixed addresses, which client switches
+        keep by copying in place; not yet timed on a GPU) or ``max-autotune``.
     overlay_cases: test cases per site drawn in the run folder's ``overlays.png`` (their
         slice with the largest ground-truth area, every evaluated model); 0 draws none.
     """
@@ -54,6 +61,7 @@ class SegmentationModule(pl.LightningModule):
         channels_last: bool = False,
         val_hd95: bool = True,
         compile: bool = False,
+        compile_mode: CompileMode = "default",
         overlay_cases: int = 2,
     ):
         super().__init__()
@@ -61,6 +69,8 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError(f"lr must be positive, got {lr}")
         if overlay_cases < 0:
             raise ValueError(f"overlay_cases must be >= 0, got {overlay_cases}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}, got {compile_mode!r}")
         self.save_hyperparameters()
         self.loss_fn = SegmentationLoss(loss)
         self.net: torch.nn.Module | None = None
@@ -89,7 +99,9 @@ class SegmentationModule(pl.LightningModule):
         if hp.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         # Kept out of the module tree (no extra state dict keys): same parameters as self.net.
-        self.__dict__["_compiled_net"] = torch.compile(self.net) if hp.get("compile") else None
+        mode = hp.get("compile_mode", "default")
+        kwargs = {} if mode == "default" else {"mode": mode}
+        self.__dict__["_compiled_net"] = torch.compile(self.net, **kwargs) if hp.get("compile") else None
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None

@@ -169,3 +169,24 @@ def test_live_state_goes_stale_when_the_net_is_moved():
     fresh = live_state(net)
     copy_into(fresh, {"bn.running_mean": torch.full((4,), 2.0)})
     assert torch.equal(net.bn.running_mean, torch.full((4,), 2.0, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_accumulator_and_ema_match_the_loops_to_an_ulp():
+    """On CUDA the multi-tensor kernels may round a division or a fused multiply-add
+    differently from the per-tensor kernels: equal to float32 rounding, not bitwise."""
+    states = [{k: v.cuda() for k, v in s.items()} for s in _states(3, 1 + len(WEIGHTS))]
+    global_state, *clients = states
+    acc = UpdateAccumulator(global_state, PARAMS)
+    for state, weight in zip(clients, WEIGHTS, strict=True):
+        acc.add(state, weight)
+    delta, buffers = _loop_aggregate(global_state, clients, WEIGHTS)
+    for got, want in ((acc.mean_delta(), delta), (acc.mean_buffers(), buffers)):
+        for k, v in want.items():
+            assert got[k].is_cuda, k
+            torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7)
+    copy_ = ema_update(None, clients[0], 0.1)
+    ema_update(copy_, clients[1], 0.1)
+    for k, v in copy_.items():
+        want = clients[0][k] * 0.1 + clients[1][k] * 0.9 if v.is_floating_point() else clients[1][k]
+        torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-7)

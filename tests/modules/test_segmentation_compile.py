@@ -6,6 +6,7 @@ generation), so the test is fast on CPU and the numbers match the uncompiled run
 
 import functools
 
+import pytest
 import torch
 
 from iopfl_lightning.federated import FederatedTrainer
@@ -24,13 +25,18 @@ def test_compile_option_trains_through_torch_compile_with_identical_results(tmp_
     real_compile = torch.compile
 
     def eager_compile(model, **kwargs):
-        calls.append(model)
-        return real_compile(model, backend="eager", **kwargs)
+        calls.append((model, kwargs))
+        return real_compile(model, backend="eager")  # modes are for the inductor backend
 
     monkeypatch.setattr(torch, "compile", functools.partial(eager_compile))
-    compiled = _fit(tmp_path / "c", compile=True)
+    compiled = _fit(tmp_path / "c", compile=True, compile_mode="reduce-overhead")
     plain = _fit(tmp_path / "p")
-    assert calls == [compiled.net]
+    assert calls == [(compiled.net, {"mode": "reduce-overhead"})]
     assert list(compiled.state_dict()) == list(plain.state_dict())
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        tiny_module(compile=True, compile_mode="fast")

@@ -246,6 +246,20 @@ def test_mixing_outputs_equals_mixing_kernels_in_a_net():
         set_mix(routed, "experts")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mixing_outputs_equals_mixing_kernels_and_the_cpu():
+    torch.manual_seed(0)
+    net = SmallNet()
+    routed = build_routed_net(net, expert_states(net, E, share_norms=False), start="random")
+    x = torch.randn(3, 3, 10, 10)
+    with torch.no_grad():
+        want = routed(x)
+        routed = routed.cuda()
+        for mix in ("kernels", "outputs"):
+            set_mix(routed, mix)
+            torch.testing.assert_close(routed(x.cuda()).cpu(), want, atol=2e-3, rtol=2e-3)  # TF32
+
+
 # --------------------------------------------------------------------------- starts
 
 
