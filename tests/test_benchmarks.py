@@ -98,3 +98,14 @@ def test_benchmark_tiny_gpu_bf16_channels_last(tmp_path):
     assert "bf16" not in data["device"] and data["channels_last"] is True
     assert data["federated"]["lightning_fp32"]["images_per_s"] > 0
     assert data["routed"]["batched_fp32"]["images_per_s"] > 0
+
+
+def test_state_ops_benchmark_counts_fewer_ops_with_equal_results(tmp_path):
+    out = tmp_path / "state_ops.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "state_ops_bench.py"), "--reps", "2",
+                    "--out", str(out)], capture_output=True, text=True, check=True, cwd=ROOT,
+                   timeout=300)
+    rows = {row["step"]: row for row in json.loads(out.read_text())["rows"]}
+    assert all(row["equal"] for row in rows.values())
+    for step in ("load state into net", "accumulator add", "EMA update", "mean of 5 clients"):
+        assert rows[step]["ops_new"] < rows[step]["ops_old"], step
