@@ -55,8 +55,6 @@ def _out_of_range(labels: Tensor, num_classes: int) -> Tensor:
     return ((labels < 0) | (labels >= num_classes)).sum()
 
 
-
-
 def _check_inputs(
     preds: Tensor, target: Tensor, case: Tensor | int, slice_: Tensor | None, num_classes: int,
     eager: bool = True,
