@@ -90,9 +90,7 @@ def handle_train(
     else:
         log.warning("site %s, round %d: NaN/inf weights after local training; the "
                     "personalized copy is unchanged", runtime.site, round_no)
-    content = reply_content(local, metrics)
-    check_outgoing(content, runtime.reference)
-    return Message(content, reply_to=message)
+    return _reply(message, reply_content(local, metrics), runtime.reference)
 
 
 def handle_evaluate(
@@ -107,9 +105,7 @@ def handle_evaluate(
     state = record_to_state(personal.arrays) if personal else None
     metrics = runtime.evaluate(record_to_state(message.content[ARRAYS]), state, split)
     metrics.update({"client-index": runtime.index, "num-examples": metrics[f"{split}-cases"]})
-    content = reply_content(None, metrics)
-    check_outgoing(content, runtime.reference)
-    return Message(content, reply_to=message)
+    return _reply(message, reply_content(None, metrics), runtime.reference)
 
 
 def handle_query_personalized(
@@ -137,7 +133,13 @@ def handle_query_personalized(
             "updates": len(personal.rounds),
         }),
     })
-    check_outgoing(content, None)
+    return _reply(message, content, None)
+
+
+def _reply(message: Message, content: RecordDict,
+           reference: Mapping[str, Any] | None) -> Message:
+    """Every reply leaves through here, after the privacy check of what it carries."""
+    check_outgoing(content, reference)
     return Message(content, reply_to=message)
 
 
