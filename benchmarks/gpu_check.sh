@@ -18,42 +18,55 @@
 # 6. report.md: the figures and issue 8's targets as markdown for docs/performance.md.
 # Writes logs and JSON into $OUT (or the first argument). Run from the repository root:
 #   bash benchmarks/gpu_check.sh /tmp/gpu_check
+# GPU_CHECK_DRY_RUN=1 runs every step on the CPU at the tiny preset (no compile run): device
+# time is scarce, so the suite runs the script this way to catch a broken step beforehand.
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_check}}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then
+  DEVICE=cpu
+  SETTING=(--preset tiny --device cpu --workers 0 --device-cache)
+else
+  DEVICE=cuda
+  SETTING=(--preset paper --device cuda --workers 4)
+fi
+if [ "$DEVICE" = cuda ] && compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/iopfl_site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/iopfl_site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+fi
 $PY -c "import torch, lightning, segmentation_models_pytorch, albumentations, iopfl_lightning; \
-print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())" \
+print('torch', torch.__version__, 'lightning', lightning.__version__, \
+      torch.cuda.get_device_name() if '$DEVICE' == 'cuda' else 'cpu (dry run)')" \
   | tee -a "$OUT/gpu.txt" || exit 1
 status=0
-$PY benchmarks/run.py --preset paper --device cuda --workers 4 --fp32-engine --loader-engine \
+$PY benchmarks/run.py "${SETTING[@]}" --fp32-engine --loader-engine \
   --out "$OUT/paper.json" 2>&1 | tee "$OUT/paper.log" || status=1
 echo "elapsed ${SECONDS}s"
-$PY benchmarks/state_ops_bench.py --device cuda --out "$OUT/state_ops.json" 2>&1 \
+$PY benchmarks/state_ops_bench.py --device $DEVICE --out "$OUT/state_ops.json" 2>&1 \
   | tee "$OUT/state_ops.log" || status=1
 $PY -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_benchmarks.py \
   tests/federated/test_state_ops.py tests/nets/test_routed.py tests/data/test_device_cache.py \
   tests/test_metrics.py tests/modules/test_optim.py 2>&1 | tail -15 | tee "$OUT/tests.log" || status=1
 echo "elapsed ${SECONDS}s"
-$PY benchmarks/run.py --preset paper --device cuda --workers 4 --only federated --profile \
-  --torch-profile --rounds 3 --out "$OUT/paper_profile.json" 2>&1 | head -160 \
-  | tee "$OUT/paper_profile.log" || status=1
+$PY benchmarks/run.py "${SETTING[@]}" --only federated --profile \
+  --torch-profile --rounds 3 --out "$OUT/paper_profile.json" >"$OUT/paper_profile.log" 2>&1 \
+  || status=1
+head -160 "$OUT/paper_profile.log"  # the whole log is in $OUT (a pipe into head could fail the run)
 echo "elapsed ${SECONDS}s"
-if [ "$SECONDS" -lt 300 ]; then
-  $PY benchmarks/run.py --preset paper --device cuda --workers 4 --only federated --compile \
+if [ "$DEVICE" = cuda ] && [ "$SECONDS" -lt 300 ]; then
+  $PY benchmarks/run.py "${SETTING[@]}" --only federated --compile \
     --compile-mode reduce-overhead \
     --rounds 4 --out "$OUT/paper_compile.json" 2>&1 | tee "$OUT/paper_compile.log" || status=1
 else
-  echo "skipped the torch.compile run (${SECONDS}s elapsed)"
+  echo "skipped the torch.compile run (${SECONDS}s elapsed, device $DEVICE)"
 fi
 $PY benchmarks/report.py "$OUT/paper.json" --state-ops "$OUT/state_ops.json" \
   | tee "$OUT/report.md" || status=1

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,18 +67,46 @@ def _check(data):
     assert data["device"] and data["date"] and data["command"].startswith("python benchmarks/")
 
 
-def test_benchmark_tiny_cpu_json_is_complete(tmp_path):
-    data = _run(tmp_path, "--device", "cpu")
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """``benchmarks/gpu_check.sh`` run whole on the CPU (tiny preset): every step of the GPU
+    check works before scarce device time is spent on it. Returns its output folder."""
+    if os.environ.get("GPU_CHECK_DRY_RUN"):  # already inside the script: never recurse
+        pytest.skip("inside a gpu_check.sh dry run")
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    assert "status 0" in proc.stdout
+    return out
+
+
+def test_device_check_dry_run_benchmark_json_is_complete(dry_run):
+    data = json.loads((dry_run / "paper.json").read_text())
     _check(data)
-    assert data["precision"] == "32-true"
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from report import report
-    finally:
-        sys.path.pop(0)
-    text = report(data)
+    assert data["precision"] == "32-true" and data["device_cache"] is True
+    for engine in ("lightning_fp32", "lightning_loaders"):
+        assert data["federated"][engine]["images_per_s"] > 0, engine
+    assert "round throughput" in (dry_run / "paper.log").read_text()
+
+
+def test_device_check_dry_run_report_and_profiles(dry_run):
+    data = json.loads((dry_run / "paper.json").read_text())
+    text = (dry_run / "report.md").read_text()
     assert f"| {data['federated']['lightning']['images_per_s']:.1f} |" in text
     assert "targets apply to the paper preset on a GPU" in text
+    assert "| sum of the above |" in text
+    profile = (dry_run / "paper_profile.log").read_text()
+    assert "FIT Profiler Report" in profile and "Self CPU time total" in profile
+    assert "6 skipped" in (dry_run / "tests.log").read_text()  # the GPU-only tests, collected
+
+
+def test_device_check_dry_run_state_ops_fewer_ops_equal_results(dry_run):
+    rows = {row["step"]: row for row in json.loads((dry_run / "state_ops.json").read_text())["rows"]}
+    assert all(row["equal"] for row in rows.values())
+    for step in ("load state into net", "accumulator add", "EMA update", "mean of 5 clients"):
+        assert rows[step]["ops_new"] < rows[step]["ops_old"], step
 
 
 def test_report_of_the_h200_run_checks_the_targets():
@@ -98,14 +127,3 @@ def test_benchmark_tiny_gpu_bf16_channels_last(tmp_path):
     assert "bf16" not in data["device"] and data["channels_last"] is True
     assert data["federated"]["lightning_fp32"]["images_per_s"] > 0
     assert data["routed"]["batched_fp32"]["images_per_s"] > 0
-
-
-def test_state_ops_benchmark_counts_fewer_ops_with_equal_results(tmp_path):
-    out = tmp_path / "state_ops.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "state_ops_bench.py"), "--reps", "2",
-                    "--out", str(out)], capture_output=True, text=True, check=True, cwd=ROOT,
-                   timeout=300)
-    rows = {row["step"]: row for row in json.loads(out.read_text())["rows"]}
-    assert all(row["equal"] for row in rows.values())
-    for step in ("load state into net", "accumulator add", "EMA update", "mean of 5 clients"):
-        assert rows[step]["ops_new"] < rows[step]["ops_old"], step
