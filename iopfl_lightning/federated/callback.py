@@ -255,6 +255,19 @@ class FederatedTrainer(Callback):
             )
             log.info("wrote %s", path)
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Between rounds the trainer's optimizer moments are dead: every client start clears
+        them or loads the client's own (kept in this callback's state). Saving them would add
+        three model-sized tensors (Adam with amsgrad) to each round's checkpoint, so a
+        round-boundary checkpoint keeps only the optimizers' hyperparameters."""
+        if self._client is None and "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = [
+                {"state": {}, "param_groups": saved["param_groups"]}
+                for saved in checkpoint["optimizer_states"]
+            ]
+
     # ---------------------------------------------------------------- steps
     def _start_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
         if not 0 <= client < len(self.sites):

@@ -116,7 +116,11 @@ def test_two_runs_are_identical_and_resume_is_exact(tmp_path):
     _assert_same_federation(full, again)
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
-    _fit(tmp_path / "c", 2, callbacks=[ckpt])
+    _, stopped = _fit(tmp_path / "c", 2, callbacks=[ckpt])
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    # dead between rounds (every client starts with a fresh Adam): hyperparameters only
+    assert [s["state"] for s in saved["optimizer_states"]] == [{}]
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == stopped.hparams.lr
     resumed, module = _fit(tmp_path / "d", 3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.round == 3
     _assert_same_federation(full, resumed)
