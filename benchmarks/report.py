@@ -53,6 +53,17 @@ def _rows(results: dict) -> list[tuple[str, str, str]]:
         for name, v in (routed.get("variants") or {}).items():
             rows.append((f"routed step, img/s, {name.replace('_', ' + ', 1)}",
                          _f(v["images_per_s"]), ""))
+    ck = results.get("checkpoint") or {}
+    if ck:
+        st, ours = ck["stock"], ck["ours"]
+        rows += [
+            ("checkpoint wait per round, ms (ours vs Lightning stock)",
+             _f(ours["wait_ms_per_round"]["median"]), _f(st["wait_ms_per_round"]["median"])),
+            ("checkpoint wait per round, ms, one file written synchronously",
+             _f(ck["one_file"]["wait_ms_per_round"]["median"]), ""),
+            ("checkpoint MB written per round", _f(ours["mb_written_per_round"], 0),
+             _f(st["mb_written_per_round"], 0)),
+        ]
     return rows
 
 

@@ -5,7 +5,8 @@ Measures in one run:
       evaluation included): Lightning engine (FederatedTrainer) vs a plain PyTorch loop;
   (b) the routed test-time step (images/s): batched routed net vs a per-sample loop;
   (c) client switch and aggregation cost (ms), timed on the callback's own methods;
-  (d) peak memory (CUDA max_memory_allocated on a GPU, sampled peak RSS on the CPU).
+  (d) peak memory (CUDA max_memory_allocated on a GPU, sampled peak RSS on the CPU);
+  (e) what a round waits for its checkpoint: ours vs Lightning's stock ModelCheckpoint setup.
 Prints a table with ratios and writes JSON (``--out``). ``--sweep`` adds round time and
 memory vs clients / image size, and routed step time vs number of experts.
 
@@ -30,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from checkpoint_bench import checkpoint_bench
 from federated_bench import FedConfig, lightning_rounds, make_datamodule, plain_rounds
 from loader_bench import loader_bench
 from routing_bench import routed_bench
@@ -72,7 +74,7 @@ def parse(argv=None) -> argparse.Namespace:
                         "(data.device_cache); default: on for CUDA, off for CPU")
     p.add_argument("--loader-engine", action="store_true",
                    help="with --device-cache, also run the engine through ordinary DataLoaders")
-    p.add_argument("--only", choices=["federated", "routed", "loader"], default=None)
+    p.add_argument("--only", choices=["federated", "routed", "loader", "checkpoint"], default=None)
     p.add_argument("--sweep", action="store_true", help="scaling sweep (clients, size, experts)")
     p.add_argument("--profile", action="store_true",
                    help="Lightning SimpleProfiler on the engine's rounds: host time per hook")
@@ -146,6 +148,14 @@ def run_routed(args, device) -> dict:
 def run_loader(args) -> dict:
     """Loading of one site's slices at the benchmark size: batch-at-once vs per slice."""
     return loader_bench(args.size, args.batch, args.slices, cases=max(2, args.train_cases))
+
+
+def run_checkpoint(args, device) -> dict:
+    """Per-round checkpoint cost at the preset's net and clients; tiny data (the checkpoint's
+    size and cost do not depend on the images)."""
+    cfg = fed_config(args, size=32, slices=4, train_cases=1, val_cases=1, workers=0,
+                     device_cache=False, compile=False)
+    return {"config": dataclasses.asdict(cfg), **checkpoint_bench(cfg, device)}
 
 
 def run_sweep(args, device) -> dict:
@@ -236,6 +246,16 @@ def table(results: dict) -> str:
             ld["batched"]["images_per_s"], ld["plain"]["images_per_s"])
         row("loading, img/s, device cache gather (per-slice)", ld["cached"]["images_per_s"],
             ld["plain"]["images_per_s"], 0)
+    ck = results.get("checkpoint")
+    if ck:
+        st, one, ours = ck["stock"], ck["one_file"], ck["ours"]
+        row("checkpoint wait per round, ms (Lightning stock)", ours["wait_ms_per_round"]["median"],
+            st["wait_ms_per_round"]["median"])
+        row("checkpoint wait, ms: one file, synchronous", one["wait_ms_per_round"]["median"],
+            st["wait_ms_per_round"]["median"])
+        row("checkpoint MB written per round", ours["mb_written_per_round"],
+            st["mb_written_per_round"], 0)
+        row("fit wall time with checkpoints, s", ours["fit_s"], st["fit_s"], 2)
     sweep = results.get("sweep")
     if sweep:
         lines.append("sweep (Lightning engine; round = best measured round):")
@@ -274,6 +294,8 @@ def main(argv=None) -> dict:
         results["routed"] = run_routed(args, device)
     if args.only in (None, "loader"):
         results["loader"] = run_loader(args)
+    if args.only in (None, "checkpoint"):
+        results["checkpoint"] = run_checkpoint(args, device)
     if args.sweep:
         results["sweep"] = run_sweep(args, device)
     results["total_s"] = time.perf_counter() - start

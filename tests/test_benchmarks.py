@@ -35,6 +35,11 @@ POSITIVE = [
     ("loader", "batched", "images_per_s"),
     ("loader", "plain", "images_per_s"),
     ("loader", "cached", "images_per_s"),
+    ("checkpoint", "stock", "wait_ms_per_round", "median"),
+    ("checkpoint", "one_file", "wait_ms_per_round", "median"),
+    ("checkpoint", "ours", "wait_ms_per_round", "median"),
+    ("checkpoint", "ours", "mb_written_per_round"),
+    ("checkpoint", "ours", "fit_s"),
 ]
 FINITE = [("federated", "engine_over_plain_time_pct"), ("total_s",)]
 
@@ -65,6 +70,11 @@ def _check(data):
     assert _get(data, ("routed", "kernels_vs_outputs_max_abs_diff")) < 1e-3
     assert _get(data, ("loader", "first_batch_max_abs_diff")) < 1e-5
     assert data["device"] and data["date"] and data["command"].startswith("python benchmarks/")
+    ck = data["checkpoint"]
+    assert len(ck["stock"]["files"]) == 2 and "last.ckpt" in ck["stock"]["files"]
+    assert ck["one_file"]["files"] == ck["ours"]["files"] == ["last.ckpt"]
+    # one copy instead of two, without the optimizer moments
+    assert ck["ours"]["mb_written_per_round"] < 0.5 * ck["stock"]["mb_written_per_round"]
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def _config(path: Path, save_dir: Path, stall_marker: Path | None = None) -> Pat
         {"class_path": "iopfl_lightning.federated.FederatedTrainer",
          "init_args": {"alpha": 0.3, "client_fraction": 0.67, "seed": 3}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"save_last": True, "every_n_epochs": 1}},
+         "init_args": {"filename": "last", "every_n_epochs": 1}},  # as experiments/ do
     ]
     if stall_marker is not None:
         callbacks.append({"class_path": "tests.test_crash_resume.StallAt", "init_args": {
@@ -152,15 +152,6 @@ def test_checkpoint_write_failure_leaves_previous_checkpoint_intact(tmp_path):
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
     assert io.load_checkpoint(path)["epoch"] == 0
-
-
-def test_cli_trainers_use_atomic_checkpoints(tmp_path):
-    cli = main(["fit", "--config", str(REPO / "tests/configs/demo_tiny.yaml"),
-                "--trainer.default_root_dir", str(tmp_path),
-                "--trainer.logger.init_args.save_dir", str(tmp_path),
-                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
-                "--trainer.limit_val_batches", "0", "--test_after_fit", "false"])
-    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_a_new_run_refuses_to_overwrite_another_runs_routing_space(tmp_path):
