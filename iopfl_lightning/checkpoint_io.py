@@ -121,11 +121,15 @@ def use_atomic_checkpoints(trainer: Trainer, background: bool = True) -> None:
     if type(strategy.checkpoint_io) is not TorchCheckpointIO:
         return
     atomic = AtomicCheckpointIO()
-    if not background:
-        strategy.checkpoint_io = atomic
-        return
+    strategy.checkpoint_io = BackgroundCheckpointIO(atomic, FitRunning(trainer)) if background else atomic
 
-    def in_fit() -> bool:
-        return trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
 
-    strategy.checkpoint_io = BackgroundCheckpointIO(atomic, in_fit)
+class FitRunning:
+    """``trainer`` is inside ``fit`` (a class, not a closure, so a spawning strategy can pickle it)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def __call__(self) -> bool:
+        state = self.trainer.state
+        return state.fn == TrainerFn.FITTING and state.status == TrainerStatus.RUNNING

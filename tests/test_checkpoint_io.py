@@ -1,6 +1,7 @@
 """BackgroundCheckpointIO: writes in a worker thread during fit, in order, from a snapshot;
 synchronous outside fit; a failed write is raised, never lost."""
 
+import pickle
 import time
 from pathlib import Path
 
@@ -110,6 +111,8 @@ def test_cli_trainers_write_atomic_checkpoints_in_the_background(tmp_path):
     io = cli.trainer.strategy.checkpoint_io
     assert isinstance(io, BackgroundCheckpointIO)
     assert isinstance(io.checkpoint_io, AtomicCheckpointIO)
+    assert not io._in_fit()  # fit has ended
+    pickle.dumps(io)  # a spawning strategy pickles its plugins
     # after fit a save is synchronous: the file is there when the call returns
     cli.trainer.save_checkpoint(tmp_path / "after.ckpt")
     assert io.load_checkpoint(tmp_path / "after.ckpt")["epoch"] == cli.trainer.current_epoch
