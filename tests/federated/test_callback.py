@@ -222,3 +222,26 @@ def test_routing_space_names_sites_that_never_trained(tmp_path, caplog):
 def test_bad_arguments_are_refused_early(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FederatedTrainer(**kwargs)
+
+
+def test_evaluating_every_other_round_trains_the_same_federation(tmp_path):
+    """``check_val_every_n_epoch`` (fewer evaluations, faster rounds) changes what is measured,
+    never what is trained: rounds without validation are finished at train-epoch end."""
+    evaluated = []
+
+    class Rounds(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            evaluated.append(trainer.current_epoch)
+
+    def fit(every, callbacks=()):
+        fed = FederatedTrainer(alpha=ALPHA)
+        trainer = tiny_trainer(4, [fed, *callbacks], tmp_path / str(every),
+                               check_val_every_n_epoch=every)
+        trainer.fit(tiny_module(), datamodule=tiny_datamodule())
+        return fed
+
+    every_round = fit(1)
+    every_other = fit(2, [Rounds()])
+    assert evaluated == [1, 3]
+    assert every_other.round == every_round.round == 4
+    _assert_same_federation(every_round, every_other)
