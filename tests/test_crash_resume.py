@@ -48,7 +48,8 @@ def _config(path: Path, save_dir: Path, stall_marker: Path | None = None) -> Pat
         {"class_path": "iopfl_lightning.federated.FederatedTrainer",
          "init_args": {"alpha": 0.3, "client_fraction": 0.67, "seed": 3}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"filename": "last", "every_n_epochs": 1}},  # as experiments/ do
+         "init_args": {"filename": "last", "every_n_epochs": 1,  # as experiments/ do
+                       "save_on_train_epoch_end": True}},
     ]
     if stall_marker is not None:
         callbacks.append({"class_path": "tests.test_crash_resume.StallAt", "init_args": {
