@@ -83,6 +83,15 @@ def default_sites(format: Format, root: Path | None) -> list[str]:
     return found
 
 
+def sample_keys(batch: dict) -> list[tuple[int, int]]:
+    """``(case, slice)`` of every sample of ``batch`` (``keys`` when the datamodule already read
+    them on the CPU, before the batch moved to the device)."""
+    keys = batch.get("keys")
+    if keys is None:
+        keys = list(zip(batch["case"].tolist(), batch["slice"].tolist(), strict=True))
+    return keys
+
+
 class MultiSiteDataModule(LightningDataModule):
     """Multi-site segmentation data as federated clients (see the module docstring).
 
@@ -336,10 +345,13 @@ class MultiSiteDataModule(LightningDataModule):
         return self.test_dataloader()
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Adds ``client_id`` (a Python int, read on the CPU before the batch moves) so the
-        federated callback can see the client without a device synchronisation per batch."""
+        """Adds, read on the CPU before the batch moves (on a GPU, reading them after would
+        wait for every queued kernel): ``client_id`` (a Python int) for the federated callback,
+        and ``keys``, the (case, slice) pairs that key test-time routing's online predictions."""
         if isinstance(batch, dict) and "client" in batch and batch["client"].numel():
             batch["client_id"] = int(batch["client"][0])
+        if isinstance(batch, dict) and "case" in batch and "slice" in batch:
+            batch["keys"] = sample_keys(batch)
         return batch
 
     def outside_dataloader(

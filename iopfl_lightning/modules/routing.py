@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from iopfl_lightning.data.datamodule import sample_keys
 from iopfl_lightning.modules import tta_losses as tl
 from iopfl_lightning.modules.evaluation import MixtureMeter, SiteEvaluator, log_rows, report_test
 from iopfl_lightning.modules.optim import adam
@@ -69,11 +70,6 @@ ADAPTED: tuple[str, ...] = ("tent", "routed")
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _keys(batch: dict) -> list[tuple[int, int]]:
-    """(case, slice) of every sample of ``batch``: the key of its online prediction."""
-    return list(zip(batch["case"].tolist(), batch["slice"].tolist(), strict=True))
 
 
 def _trainable_only(net: nn.Module, params: list[nn.Parameter]) -> None:
@@ -288,7 +284,10 @@ class RoutingModule(pl.LightningModule):
         loss, parts = self.routed_objective(image)
         self._step(optimizers[0], loss)
         size = image.shape[0]
-        self.log("adapt/loss", loss.detach(), prog_bar=True, batch_size=size)
+        # The bar shows the pass's mean loss: a per-step bar value is read back at every step.
+        self.log("adapt/loss", loss.detach(), batch_size=size)
+        self.log("adapt/pass_loss", loss.detach(), prog_bar=True, on_step=False, on_epoch=True,
+                 batch_size=size)
         for name, value in parts.items():
             self.log(f"adapt/{name}", value.detach(), batch_size=size)
         if self.tent_net is not None:
@@ -301,12 +300,13 @@ class RoutingModule(pl.LightningModule):
 
     @torch.no_grad()
     def _record_online(self, batch: dict, image: Tensor) -> None:
-        """Store each adapted net's argmax on ``batch`` right after its update (CPU, uint8)."""
-        keys = _keys(batch)
+        """Store each adapted net's argmax on ``batch`` right after its update (uint8, kept on
+        the device: copying it to the host would wait for the step at every step)."""
+        keys = sample_keys(batch)
         self.eval()
         try:
             for name, net in self.adapted_nets().items():
-                preds = net(image).argmax(1).to(torch.uint8).cpu()
+                preds = net(image).argmax(1).to(torch.uint8)
                 self._online[name].update(zip(keys, preds, strict=True))
                 if name == "routed":
                     self._mixtures.update(net, len(keys))
@@ -334,7 +334,7 @@ class RoutingModule(pl.LightningModule):
     def _online_logits(self, name: str, batch: dict) -> Tensor:
         """One-hot 'logits' of the stored online predictions (argmax gives them back)."""
         store = self._online[name]
-        keys = _keys(batch)
+        keys = sample_keys(batch)
         missing = [k for k in keys if k not in store]
         if missing:
             raise ValueError(f"online mode: no prediction for (case, slice) {missing[0]}; the "
