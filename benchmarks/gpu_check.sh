@@ -6,11 +6,12 @@
 # 2. runs the benchmark at the paper's setting (UNet features 32, 384x384, batch 16, 5 clients;
 #    routed step batch 16, 384x384, 6 experts) in bf16-mixed + channels_last with the data
 #    kept on the GPU (data.device_cache), plus the engine through ordinary DataLoaders and in
-#    fp32 for reference; the routed step both mixing kernels and mixing outputs; then the
-#    client-switch / aggregation state operations, old (load_state_dict, per-key loops) vs
-#    grouped foreach ops (benchmarks/state_ops_bench.py);
+#    fp32 for reference; the routed step both mixing kernels and mixing outputs; what a round
+#    waits for its checkpoint, ours vs Lightning's stock setup; then the client-switch /
+#    aggregation state operations, old (load_state_dict, per-key loops) vs grouped foreach ops
+#    (benchmarks/state_ops_bench.py);
 # 3. runs the GPU-only tests (the ones CI skips: benchmark on CUDA, state ops, routed mixing,
-#    device cache, metrics, fused Adam; the CPU suite is CI's job);
+#    device cache, metrics, fused Adam, background checkpoint writes; the CPU suite is CI's job);
 # 4. the federated rounds once more under Lightning's SimpleProfiler and torch.profiler (host
 #    time per hook, ops by host and GPU time; not a throughput figure: profilers add overhead);
 # 5. if time is left (< 300 s so far), the federated rounds again with torch.compile in
@@ -54,7 +55,7 @@ $PY benchmarks/state_ops_bench.py --device $DEVICE --out "$OUT/state_ops.json" 2
   | tee "$OUT/state_ops.log" || status=1
 $PY -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_benchmarks.py \
   tests/federated/test_state_ops.py tests/nets/test_routed.py tests/data/test_device_cache.py \
-  tests/test_metrics.py tests/modules/test_optim.py 2>&1 | tail -15 | tee "$OUT/tests.log" || status=1
+  tests/test_metrics.py tests/modules/test_optim.py tests/test_checkpoint_io.py 2>&1 | tail -15 | tee "$OUT/tests.log" || status=1
 echo "elapsed ${SECONDS}s"
 $PY benchmarks/run.py "${SETTING[@]}" --only federated --profile \
   --torch-profile --rounds 3 --out "$OUT/paper_profile.json" >"$OUT/paper_profile.log" 2>&1 \

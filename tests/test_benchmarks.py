@@ -109,7 +109,7 @@ def test_device_check_dry_run_report_and_profiles(dry_run):
     assert "| sum of the above |" in text
     profile = (dry_run / "paper_profile.log").read_text()
     assert "FIT Profiler Report" in profile and "Self CPU time total" in profile
-    assert "6 skipped" in (dry_run / "tests.log").read_text()  # the GPU-only tests, collected
+    assert "7 skipped" in (dry_run / "tests.log").read_text()  # the GPU-only tests, collected
 
 
 def test_device_check_dry_run_state_ops_fewer_ops_equal_results(dry_run):

@@ -116,3 +116,14 @@ def test_cli_trainers_write_atomic_checkpoints_in_the_background(tmp_path):
     # after fit a save is synchronous: the file is there when the call returns
     cli.trainer.save_checkpoint(tmp_path / "after.ckpt")
     assert io.load_checkpoint(tmp_path / "after.ckpt")["epoch"] == cli.trainer.current_epoch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensors_are_snapshotted_and_written_from_the_worker(tmp_path):
+    io = BackgroundCheckpointIO(AtomicCheckpointIO(), in_fit=lambda: True)
+    w = torch.zeros(1 << 20, device="cuda")
+    io.save_checkpoint({"w": w}, tmp_path / "last.ckpt")
+    w += 1  # the next round's kernels, queued right after the save returned
+    io.teardown()
+    saved = io.load_checkpoint(tmp_path / "last.ckpt", map_location="cpu")
+    assert torch.equal(saved["w"], torch.zeros(1 << 20))
