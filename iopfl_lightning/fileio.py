@@ -20,8 +20,10 @@ def _atomic(path: str | os.PathLike, write) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception):  # e.g. "No space left on device" does not name the file
+            err.add_note(f"while writing {path}; the previous file, if any, is unchanged")
         raise
     return path
 

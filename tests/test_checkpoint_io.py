@@ -11,6 +11,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from iopfl_lightning.checkpoint_io import AtomicCheckpointIO, BackgroundCheckpointIO
 from iopfl_lightning.cli import main
+from tests.test_crash_resume import _Unpicklable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,6 +92,15 @@ def test_a_failed_background_write_is_raised_once_at_the_next_save_or_at_the_end
     with pytest.raises(OSError, match="disk full writing round2.ckpt"):
         io.teardown()  # the last round's write failed: fit's end says so
     assert slow.events == []
+
+
+def test_a_failed_real_write_names_the_file(tmp_path):
+    io = BackgroundCheckpointIO(AtomicCheckpointIO(), in_fit=lambda: True)
+    io.save_checkpoint({"w": torch.ones(1), "boom": _Unpicklable()}, tmp_path / "last.ckpt")
+    with pytest.raises(RuntimeError, match="simulated crash") as raised:
+        io.teardown()
+    assert f"while writing {tmp_path / 'last.ckpt'}" in "".join(raised.value.__notes__)
+    assert not list(tmp_path.iterdir())  # no temp file left behind
 
 
 def test_real_files_are_complete_after_teardown(tmp_path):
