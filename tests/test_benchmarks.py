@@ -107,6 +107,8 @@ def test_device_check_dry_run_report_and_profiles(dry_run):
     assert f"| {data['federated']['lightning']['images_per_s']:.1f} |" in text
     assert "targets apply to the paper preset on a GPU" in text
     assert "| sum of the above |" in text
+    ck = data["checkpoint"]["ours"]["wait_ms_per_round"]["median"]
+    assert f"| checkpoint wait per round, ms (ours vs Lightning stock) | {ck:.1f} |" in text
     profile = (dry_run / "paper_profile.log").read_text()
     assert "FIT Profiler Report" in profile and "Self CPU time total" in profile
     assert "7 skipped" in (dry_run / "tests.log").read_text()  # the GPU-only tests, collected
