@@ -70,6 +70,7 @@ else
   echo "skipped the torch.compile run (${SECONDS}s elapsed, device $DEVICE)"
 fi
 $PY benchmarks/report.py "$OUT/paper.json" --state-ops "$OUT/state_ops.json" \
+  --compiled "$OUT/paper_compile.json" \
   | tee "$OUT/report.md" || status=1
 echo "elapsed ${SECONDS}s, status $status"
 exit $status

@@ -1,6 +1,7 @@
 """Markdown for docs/performance.md from a benchmark JSON: the figures and issue 8's targets.
 
     python benchmarks/report.py OUT/paper.json [--state-ops OUT/state_ops.json]
+                                [--compiled OUT/paper_compile.json]
 
 Targets (issue 8, paper setting on an H100/H200): round throughput >= 2.5x the reference's
 fp32 local training (270 img/s), routed step >= 8x the reference's (19 img/s), client switches
@@ -74,7 +75,39 @@ def _best_routed(routed: dict) -> float | None:
     return max(v["images_per_s"] for v in candidates)
 
 
-def report(results: dict, state_ops: dict | None = None) -> str:
+NOISE = 0.03  # relative differences below this are called even (run-to-run spread seen so far)
+
+
+def _pick(label: str, options: dict[str, float]) -> str:
+    """``- label: fastest option (img/s of each)``, or 'even' when within NOISE of each other."""
+    best = max(options, key=options.get)
+    figures = ", ".join(f"{name} {value:.1f}" for name, value in options.items())
+    if min(options.values()) >= (1 - NOISE) * options[best]:
+        return f"- {label}: even within {NOISE:.0%} ({figures} img/s): keep the default"
+    return f"- {label}: **{best}** fastest ({figures} img/s)"
+
+
+def _suggestions(results: dict, compiled: dict | None) -> list[str]:
+    """The fastest measured choice for each GPU option this run compared (not a decision: one
+    run, one device)."""
+    fed, lines = results.get("federated") or {}, []
+    if "lightning_loaders" in fed:
+        lines.append(_pick("data.device_cache", {
+            "on": fed["lightning"]["images_per_s"],
+            "off": fed["lightning_loaders"]["images_per_s"]}))
+    variants = (results.get("routed") or {}).get("variants") or {}
+    if variants:
+        lines.append(_pick("routing mix + memory format", {
+            name.replace("_", " + ", 1): v["images_per_s"] for name, v in variants.items()}))
+    if compiled and compiled.get("federated"):
+        mode = compiled.get("compile_mode", "default")
+        lines.append(_pick("model.compile", {
+            "off": fed["lightning"]["images_per_s"],
+            f"{mode}": compiled["federated"]["lightning"]["images_per_s"]}))
+    return ["", "Fastest measured option (this run):", *lines] if lines else []
+
+
+def report(results: dict, state_ops: dict | None = None, compiled: dict | None = None) -> str:
     lines = [f"- Date: {results['date']}. Device: {results['device']}, torch {results['torch']}.",
              f"- Command: `{results['command']}`; precision {results['precision']}, channels_last "
              f"{results['channels_last']}, device_cache {results.get('device_cache')}.", "",
@@ -90,6 +123,7 @@ def report(results: dict, state_ops: dict | None = None) -> str:
         lines += ["", "(issue 8's targets apply to the paper preset on a GPU; none checked here)"]
     else:
         lines += _targets(measured)
+    lines += _suggestions(results, compiled)
     if state_ops:
         lines += ["", "| state op | aten calls old | new | ms old | ms new |",
                   "| --- | ---: | ---: | ---: | ---: |"]
@@ -118,9 +152,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("results", type=Path, help="JSON written by benchmarks/run.py --out")
     parser.add_argument("--state-ops", type=Path, default=None,
                         help="JSON written by benchmarks/state_ops_bench.py --out")
+    parser.add_argument("--compiled", type=Path, default=None,
+                        help="JSON of the same run with --compile (skipped when missing)")
     args = parser.parse_args(argv)
     state_ops = json.loads(args.state_ops.read_text()) if args.state_ops else None
-    text = report(json.loads(args.results.read_text()), state_ops)
+    compiled = (json.loads(args.compiled.read_text())
+                if args.compiled and args.compiled.is_file() else None)
+    text = report(json.loads(args.results.read_text()), state_ops, compiled)
     print(text)
     return text
 
