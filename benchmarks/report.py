@@ -54,6 +54,11 @@ def _rows(results: dict) -> list[tuple[str, str, str]]:
         for name, v in (routed.get("variants") or {}).items():
             rows.append((f"routed step, img/s, {name.replace('_', ' + ', 1)}",
                          _f(v["images_per_s"]), ""))
+    od = results.get("outside") or {}
+    if od:
+        rows.append(("outside adaptation end to end, img/s per pass (online, TENT; vs per-sample "
+                     "loop, fp32)", _f(od["ours"]["images_per_s"]),
+                     _f(od["loop_fp32"]["images_per_s"])))
     ck = results.get("checkpoint") or {}
     if ck:
         st, ours = ck["stock"], ck["ours"]

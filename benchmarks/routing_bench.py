@@ -56,8 +56,10 @@ def make_loop(module: RoutingModule) -> RoutingModule:
     return module
 
 
-def build_module(root: Path, features: int, experts: int, seed: int = 0) -> RoutingModule:
-    """A RoutingModule over ``experts`` perturbed copies of a paper UNet (no baselines)."""
+def build_module(root: Path, features: int, experts: int, seed: int = 0,
+                 **module_args) -> RoutingModule:
+    """A RoutingModule over ``experts`` perturbed copies of a paper UNet (no baselines unless
+    ``module_args`` says otherwise)."""
     torch.manual_seed(seed)
     spec = net_spec("unet", in_channels=3, num_classes=2, features=features)
     net = build_net(**spec)
@@ -68,7 +70,7 @@ def build_module(root: Path, features: int, experts: int, seed: int = 0) -> Rout
             for k, v in base.items()} for s in sites}
     path = write_routing_space(root / f"space_e{experts}.pt", net_spec=spec, sites=sites,
                                global_state=base, personalized=personalized)
-    return RoutingModule(str(path), baselines=[])
+    return RoutingModule(str(path), **{"baselines": [], **module_args})
 
 
 def _step(module, opt, x, device, precision) -> None:

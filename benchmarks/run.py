@@ -6,7 +6,9 @@ Measures in one run:
   (b) the routed test-time step (images/s): batched routed net vs a per-sample loop;
   (c) client switch and aggregation cost (ms), timed on the callback's own methods;
   (d) peak memory (CUDA max_memory_allocated on a GPU, sampled peak RSS on the CPU);
-  (e) what a round waits for its checkpoint: ours vs Lightning's stock ModelCheckpoint setup.
+  (e) what a round waits for its checkpoint: ours vs Lightning's stock ModelCheckpoint setup;
+  (f) outside personalization end to end (a RoutingModule fit in online mode with TENT), images/s
+      per pass: batched routed net vs the per-sample loop.
 Prints a table with ratios and writes JSON (``--out``). ``--sweep`` adds round time and
 memory vs clients / image size, and routed step time vs number of experts.
 
@@ -34,6 +36,7 @@ import torch
 from checkpoint_bench import checkpoint_bench
 from federated_bench import FedConfig, lightning_rounds, make_datamodule, plain_rounds
 from loader_bench import loader_bench
+from outside_bench import outside_bench
 from routing_bench import routed_bench
 
 PRESETS = {
@@ -74,7 +77,8 @@ def parse(argv=None) -> argparse.Namespace:
                         "(data.device_cache); default: on for CUDA, off for CPU")
     p.add_argument("--loader-engine", action="store_true",
                    help="with --device-cache, also run the engine through ordinary DataLoaders")
-    p.add_argument("--only", choices=["federated", "routed", "loader", "checkpoint"], default=None)
+    p.add_argument("--only", choices=["federated", "routed", "loader", "checkpoint", "outside"],
+                   default=None)
     p.add_argument("--sweep", action="store_true", help="scaling sweep (clients, size, experts)")
     p.add_argument("--profile", action="store_true",
                    help="Lightning SimpleProfiler on the engine's rounds: host time per hook")
@@ -156,6 +160,16 @@ def run_checkpoint(args, device) -> dict:
     cfg = fed_config(args, size=32, slices=4, train_cases=1, val_cases=1, workers=0,
                      device_cache=False, compile=False)
     return {"config": dataclasses.asdict(cfg), **checkpoint_bench(cfg, device)}
+
+
+def run_outside(args, device) -> dict:
+    """The routing fit on 2 generated cases of the outside site at the routed step's size."""
+    out = outside_bench(args.features, args.routed_size, args.routed_batch, args.experts,
+                        args.slices, device, args.precision, args.channels_last)
+    out["config"] = {"features": args.features, "size": args.routed_size,
+                     "batch": args.routed_batch, "experts": args.experts,
+                     "images_per_pass": out["ours"]["images_per_pass"]}
+    return out
 
 
 def run_sweep(args, device) -> dict:
@@ -256,6 +270,10 @@ def table(results: dict) -> str:
         row("checkpoint MB written per round", ours["mb_written_per_round"],
             st["mb_written_per_round"], 0)
         row("fit wall time with checkpoints, s", ours["fit_s"], st["fit_s"], 2)
+    od = results.get("outside")
+    if od:
+        row("outside adaptation, img/s per pass (loop fp32)", od["ours"]["images_per_s"],
+            od["loop_fp32"]["images_per_s"])
     sweep = results.get("sweep")
     if sweep:
         lines.append("sweep (Lightning engine; round = best measured round):")
@@ -296,6 +314,8 @@ def main(argv=None) -> dict:
         results["loader"] = run_loader(args)
     if args.only in (None, "checkpoint"):
         results["checkpoint"] = run_checkpoint(args, device)
+    if args.only in (None, "outside"):
+        results["outside"] = run_outside(args, device)
     if args.sweep:
         results["sweep"] = run_sweep(args, device)
     results["total_s"] = time.perf_counter() - start
