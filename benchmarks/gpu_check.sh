@@ -7,7 +7,9 @@
 #    routed step batch 16, 384x384, 6 experts) in bf16-mixed + channels_last with the data
 #    kept on the GPU (data.device_cache), plus the engine through ordinary DataLoaders and in
 #    fp32 for reference; the routed step both mixing kernels and mixing outputs; what a round
-#    waits for its checkpoint, ours vs Lightning's stock setup; then the client-switch /
+#    waits for its checkpoint, ours vs Lightning's stock setup; the outside adaptation end to
+#    end (a RoutingModule fit in online mode with TENT) vs per-sample routed layers; then the
+#    client-switch /
 #    aggregation state operations, old (load_state_dict, per-key loops) vs grouped foreach ops
 #    (benchmarks/state_ops_bench.py);
 # 3. runs the GPU-only tests (the ones CI skips: benchmark on CUDA, state ops, routed mixing,
