@@ -9,9 +9,8 @@
 #    fp32 for reference; the routed step both mixing kernels and mixing outputs; what a round
 #    waits for its checkpoint, ours vs Lightning's stock setup; the outside adaptation end to
 #    end (a RoutingModule fit in online mode with TENT) vs per-sample routed layers; then the
-#    client-switch /
-#    aggregation state operations, old (load_state_dict, per-key loops) vs grouped foreach ops
-#    (benchmarks/state_ops_bench.py);
+#    client-switch / aggregation state operations, old (load_state_dict, per-key loops) vs
+#    grouped foreach ops (benchmarks/state_ops_bench.py);
 # 3. runs the GPU-only tests (the ones CI skips: benchmark on CUDA, state ops, routed mixing,
 #    device cache, metrics, fused Adam, background checkpoint writes; the CPU suite is CI's job);
 # 4. the federated rounds once more under Lightning's SimpleProfiler and torch.profiler (host
