@@ -1,9 +1,11 @@
 """Each experiment config has a tiny twin under tests/configs that runs end to end here."""
 
+import yaml
+
 from iopfl_lightning.data import make_synthetic_sites, write_iopfl_npy
 from tests.data.conftest import REAL_SAMPLE
 from tests.data.test_fundus import make_domain
-from tests.helpers import fit_rows, load_twin
+from tests.helpers import REPO, fit_rows, load_twin
 
 
 def test_twins_mirror_their_experiment_configs():
@@ -46,3 +48,21 @@ def test_real_prostate_png_sample_smoke_run(tmp_path):
         "--trainer.max_epochs", "1",
     )
     assert len({r["site"] for r in rows}) == 6
+
+
+GPU_OVERLAY = str(REPO / "experiments" / "gpu.yaml")
+
+
+def test_gpu_overlay_on_the_prostate_inside_twin_runs_on_cpu(tmp_path):
+    """experiments/gpu.yaml's keys apply on top of an inside config (bf16 autocast,
+    channels_last and the device cache also run on a CPU; cuDNN autotuning does nothing here)."""
+    sites = make_synthetic_sites(
+        cases_per_split={"train": 1, "val": 1, "test": 1}, slices=3, size=32, seed=1
+    )
+    write_iopfl_npy(sites, tmp_path / "data")
+    rows = fit_rows("prostate_inside_tiny.yaml", tmp_path, "--config", GPU_OVERLAY,
+                    "--trainer.accelerator", "cpu", "--data.root", str(tmp_path / "data"))
+    assert {r["site"] for r in rows} == set(sites)
+    cfg = yaml.safe_load((tmp_path / "version_0" / "config.yaml").read_text())
+    assert cfg["trainer"]["precision"] == "bf16-mixed" and cfg["trainer"]["benchmark"] is True
+    assert cfg["model"]["init_args"]["channels_last"] is True and cfg["data"]["device_cache"]

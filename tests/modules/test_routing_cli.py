@@ -5,7 +5,7 @@ from __future__ import annotations
 from iopfl_lightning.data import make_synthetic_sites, write_iopfl_npy
 from iopfl_lightning.tools.loso import run_matrix
 from tests.data.test_fundus import make_domain
-from tests.helpers import TINY_CONFIGS, fit_rows, load_twin
+from tests.helpers import REPO, TINY_CONFIGS, fit_rows, load_twin
 from tests.modules.test_routing import write_space
 
 MODELS = ["global", "uniform", "ensemble", "tent", "routed"]
@@ -50,3 +50,17 @@ def test_loso_matrix_on_the_demo_twins(tmp_path):
     assert "**mean**" in table and "routed Dice" in table
     again = run_matrix(*args, sites=["UCL"])  # resumes from the per-site results
     assert [r["dice"] for r in again] == [r["dice"] for r in rows]
+
+
+def test_gpu_overlay_on_the_prostate_outside_twin_runs_on_cpu(tmp_path):
+    """experiments/gpu.yaml also applies to test-time routing (its module has channels_last;
+    the device cache serves the outside site's unlabelled images)."""
+    sites = make_synthetic_sites(cases_per_split={"train": 1, "val": 1, "test": 1}, slices=3,
+                                 size=32, seed=1)
+    write_iopfl_npy(sites, tmp_path / "data")
+    space = write_space(tmp_path / "space.pt", sites=[s for s in sites if s != "UCL"])
+    rows = fit_rows("prostate_outside_tiny.yaml", tmp_path, "--config",
+                    str(REPO / "experiments" / "gpu.yaml"), "--trainer.accelerator", "cpu",
+                    "--data.root", str(tmp_path / "data"), "--data.outside", "[UCL]",
+                    "--model.routing_space", space)
+    assert [(r["site"], r["model"]) for r in rows] == [("UCL", m) for m in MODELS]
