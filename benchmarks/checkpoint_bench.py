@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from common import summary, time_methods
-from federated_bench import ALPHA, LR, FedConfig, make_datamodule
+from federated_bench import ALPHA, LR, FedConfig, make_datamodule, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from iopfl_lightning.checkpoint_io import use_atomic_checkpoints
@@ -53,12 +53,9 @@ def _run(cfg: FedConfig, device: torch.device, variant: str, dm) -> dict:
         else:
             ckpt = ModelCheckpoint(dirpath=folder, filename="last", every_n_epochs=1)
         waits = time_methods(ckpt, ["on_train_epoch_end", "on_train_end"], device)
-        trainer = pl.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-            precision=cfg.precision, max_epochs=cfg.rounds, callbacks=[fed, ckpt],
-            logger=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, default_root_dir=root,
-        )
+        trainer = quiet_trainer(device, root, precision=cfg.precision, max_epochs=cfg.rounds,
+                                callbacks=[fed, ckpt], enable_checkpointing=True,
+                                limit_val_batches=0)
         if variant != "stock":
             use_atomic_checkpoints(trainer, background=variant == "ours")
         start = time.perf_counter()
@@ -73,7 +70,4 @@ def _run(cfg: FedConfig, device: torch.device, variant: str, dm) -> dict:
 
 def checkpoint_bench(cfg: FedConfig, device: torch.device) -> dict:
     dm = make_datamodule(cfg)
-    out = {name: _run(cfg, device, name, dm) for name in VARIANTS}
-    stock, ours = out["stock"]["wait_ms_per_round"]["median"], out["ours"]["wait_ms_per_round"]["median"]
-    out["wait_ratio_stock_over_ours"] = stock / ours if ours else float("nan")
-    return out
+    return {name: _run(cfg, device, name, dm) for name in VARIANTS}

@@ -75,7 +75,16 @@ def make_datamodule(cfg: FedConfig) -> MultiSiteDataModule:
     return dm
 
 
-class _RoundClock(pl.Callback):
+def quiet_trainer(device: torch.device, root: str, **kwargs) -> pl.Trainer:
+    """A Trainer on ``device`` without logger, checkpoints, progress bar or summary (each can
+    be given in ``kwargs``), writing into ``root``."""
+    defaults = dict(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=root)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+class RoundClock(pl.Callback):
     """Round wall/CPU time and images trained; ``start`` goes first, ``end`` last."""
 
     def __init__(self, device: torch.device, shared: dict | None = None, role: str = "start"):
@@ -156,19 +165,13 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
     torch_profile = _TorchProfileLastRound(cfg.rounds, device) if cfg.torch_profile else None
     extra = [torch_profile] if torch_profile is not None else []
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu",
-            devices=1,
+        trainer = quiet_trainer(
+            device, root,
             precision=cfg.precision,
             max_epochs=cfg.rounds,
-            callbacks=[_RoundClock(device, shared, "start"), fed, *extra,
-                       _RoundClock(device, shared, "end")],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            callbacks=[RoundClock(device, shared, "start"), fed, *extra,
+                       RoundClock(device, shared, "end")],
             num_sanity_val_steps=0,
-            default_root_dir=root,
             profiler=profiler,
         )
         with MemoryMeter(device) as mem:

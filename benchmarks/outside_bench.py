@@ -10,33 +10,16 @@ routed layer looping over the samples of the batch (the reference's way), in fp3
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
-from common import MemoryMeter, summary, sync
+from common import MemoryMeter, summary
+from federated_bench import RoundClock, quiet_trainer
 from routing_bench import build_module, make_loop
 
 from iopfl_lightning.data import MultiSiteDataModule
 
 OUTSIDE = "UCL"
-
-
-class _PassClock(pl.Callback):
-    def __init__(self, device: torch.device):
-        self.device, self.walls, self.images = device, [], 0
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        sync(self.device)
-        self._t0, self.images = time.perf_counter(), 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.images += int(batch["image"].shape[0])
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        sync(self.device)
-        self.walls.append(time.perf_counter() - self._t0)
 
 
 def _datamodule(size: int, batch: int, slices: int) -> MultiSiteDataModule:
@@ -49,18 +32,17 @@ def _datamodule(size: int, batch: int, slices: int) -> MultiSiteDataModule:
 
 
 def _fit(module, dm, device: torch.device, precision: str, passes: int) -> dict:
-    clock = _PassClock(device)
+    shared: dict = {"rounds": [], "images": 0}
+    clocks = [RoundClock(device, shared, "start"), RoundClock(device, shared, "end")]
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                             precision=precision, max_epochs=passes, callbacks=[clock],
-                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, limit_val_batches=0,
-                             default_root_dir=root)
+        trainer = quiet_trainer(device, root, precision=precision, max_epochs=passes,
+                                callbacks=clocks, limit_val_batches=0)
         with MemoryMeter(device) as mem:
             trainer.fit(module, datamodule=dm)
-    measured = clock.walls[1:] or clock.walls
-    return {"images_per_pass": clock.images, "pass_s": summary(measured),
-            "images_per_s": clock.images / min(measured), "peak_mb": mem.peak_mb}
+    passes_run = shared["rounds"][1:] or shared["rounds"]  # the first pass is warm-up
+    walls, images = [r["wall"] for r in passes_run], passes_run[0]["images"]
+    return {"images_per_pass": images, "pass_s": summary(walls),
+            "images_per_s": images / min(walls), "peak_mb": mem.peak_mb}
 
 
 def outside_bench(features: int, size: int, batch: int, experts: int, slices: int,
