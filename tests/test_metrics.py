@@ -353,7 +353,8 @@ def test_cuda_dice_equals_cpu_and_defers_the_range_check():
     cpu.update(preds, target, case)
     gpu = gpu.cuda()
     gpu.update(preds.cuda(), target.cuda(), case.cuda())
-    assert torch.equal(gpu.compute().cpu(), cpu.compute())
+    # same counts; the float32 means may round differently on the GPU (seen: last bit, H200)
+    torch.testing.assert_close(gpu.compute().cpu(), cpu.compute())
     bad = CaseDice(3).cuda()
     bad.update(torch.full((1, 4, 4), 5, device="cuda"), torch.zeros(1, 4, 4, dtype=torch.long,
                                                                       device="cuda"), 0)
