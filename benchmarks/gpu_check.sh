@@ -11,14 +11,16 @@
 #    end (a RoutingModule fit in online mode with TENT) vs per-sample routed layers; then the
 #    client-switch / aggregation state operations, old (load_state_dict, per-key loops) vs
 #    grouped foreach ops (benchmarks/state_ops_bench.py);
-# 3. runs the GPU-only tests (the ones CI skips: benchmark on CUDA, state ops, routed mixing,
+# 3. the federated rounds again with torch.compile in reduce-overhead mode (CUDA graphs;
+#    session 5 on an H200: 1.33x);
+# 4. runs the GPU-only tests (the ones CI skips: benchmark on CUDA, state ops, routed mixing,
 #    device cache, metrics, fused Adam, background checkpoint writes; the CPU suite is CI's job);
-# 4. the federated rounds once more under Lightning's SimpleProfiler and torch.profiler (host
-#    time per hook, ops by host and GPU time; not a throughput figure: profilers add overhead);
-# 5. if time is left (< 300 s so far), the federated rounds again with torch.compile in
-#    reduce-overhead mode (CUDA graphs; default-mode compile measured +12 % before);
+# 5. if time is left (< 420 s so far), the federated rounds once more under Lightning's
+#    SimpleProfiler and torch.profiler (host time per hook, ops by host and GPU time; not a
+#    throughput figure: profilers add overhead);
 # 6. report.md: the figures and issue 8's targets as markdown for docs/performance.md.
-# Writes logs and JSON into $OUT (or the first argument). Run from the repository root:
+# Writes log.txt (everything printed), the JSON and report.md into $OUT (or the first argument):
+# six files, within what the device tool brings back (8). Run from the repository root:
 #   bash benchmarks/gpu_check.sh /tmp/gpu_check
 # GPU_CHECK_DRY_RUN=1 runs every step on the CPU at the tiny preset (no compile run): device
 # time is scarce, so the suite runs the script this way to catch a broken step beforehand.
@@ -26,7 +28,8 @@ set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_check}}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1  # no network there: skip its version check
 if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then
   DEVICE=cpu
   SETTING=(--preset tiny --device cpu --workers 0 --device-cache)
@@ -42,36 +45,36 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ "$DEVICE" = cuda ]; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 fi
 $PY -c "import torch, lightning, segmentation_models_pytorch, albumentations, iopfl_lightning; \
 print('torch', torch.__version__, 'lightning', lightning.__version__, \
-      torch.cuda.get_device_name() if '$DEVICE' == 'cuda' else 'cpu (dry run)')" \
-  | tee -a "$OUT/gpu.txt" || exit 1
+      torch.cuda.get_device_name() if '$DEVICE' == 'cuda' else 'cpu (dry run)')" || exit 1
 status=0
 $PY benchmarks/run.py "${SETTING[@]}" --fp32-engine --loader-engine \
-  --out "$OUT/paper.json" 2>&1 | tee "$OUT/paper.log" || status=1
+  --out "$OUT/paper.json" || status=1
 echo "elapsed ${SECONDS}s"
-$PY benchmarks/state_ops_bench.py --device $DEVICE --out "$OUT/state_ops.json" 2>&1 \
-  | tee "$OUT/state_ops.log" || status=1
+if [ "$DEVICE" = cuda ]; then
+  $PY benchmarks/run.py "${SETTING[@]}" --only federated --compile \
+    --compile-mode reduce-overhead --rounds 4 --out "$OUT/paper_compile.json" || status=1
+else
+  echo "skipped the torch.compile run (device $DEVICE)"
+fi
+echo "elapsed ${SECONDS}s"
+$PY benchmarks/state_ops_bench.py --device $DEVICE --out "$OUT/state_ops.json" || status=1
 $PY -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/test_benchmarks.py \
   tests/federated/test_state_ops.py tests/nets/test_routed.py tests/data/test_device_cache.py \
-  tests/test_metrics.py tests/modules/test_optim.py tests/test_checkpoint_io.py 2>&1 | tail -15 | tee "$OUT/tests.log" || status=1
-echo "elapsed ${SECONDS}s"
-$PY benchmarks/run.py "${SETTING[@]}" --only federated --profile \
-  --torch-profile --rounds 3 --out "$OUT/paper_profile.json" >"$OUT/paper_profile.log" 2>&1 \
+  tests/test_metrics.py tests/modules/test_optim.py tests/test_checkpoint_io.py 2>&1 | tail -15 \
   || status=1
-head -160 "$OUT/paper_profile.log"  # the whole log is in $OUT (a pipe into head could fail the run)
 echo "elapsed ${SECONDS}s"
-if [ "$DEVICE" = cuda ] && [ "$SECONDS" -lt 300 ]; then
-  $PY benchmarks/run.py "${SETTING[@]}" --only federated --compile \
-    --compile-mode reduce-overhead \
-    --rounds 4 --out "$OUT/paper_compile.json" 2>&1 | tee "$OUT/paper_compile.log" || status=1
+if [ "$SECONDS" -lt 420 ]; then
+  $PY benchmarks/run.py "${SETTING[@]}" --only federated --profile \
+    --torch-profile --rounds 3 --out "$OUT/paper_profile.json" || status=1
 else
-  echo "skipped the torch.compile run (${SECONDS}s elapsed, device $DEVICE)"
+  echo "skipped the profiled run (${SECONDS}s elapsed)"
 fi
 $PY benchmarks/report.py "$OUT/paper.json" --state-ops "$OUT/state_ops.json" \
-  --compiled "$OUT/paper_compile.json" \
-  | tee "$OUT/report.md" || status=1
+  --compiled "$OUT/paper_compile.json" >"$OUT/report.md" || status=1
+cat "$OUT/report.md"
 echo "elapsed ${SECONDS}s, status $status"
 exit $status

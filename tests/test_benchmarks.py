@@ -103,7 +103,7 @@ def test_device_check_dry_run_benchmark_json_is_complete(dry_run):
     assert data["precision"] == "32-true" and data["device_cache"] is True
     for engine in ("lightning_fp32", "lightning_loaders"):
         assert data["federated"][engine]["images_per_s"] > 0, engine
-    assert "round throughput" in (dry_run / "paper.log").read_text()
+    assert "round throughput" in (dry_run / "log.txt").read_text()
 
 
 def test_device_check_dry_run_report_and_profiles(dry_run):
@@ -115,9 +115,12 @@ def test_device_check_dry_run_report_and_profiles(dry_run):
     assert "- data.device_cache:" in text and "- routing mix + memory format:" in text
     ck = data["checkpoint"]["ours"]["wait_ms_per_round"]["median"]
     assert f"| checkpoint wait per round, ms (ours vs Lightning stock) | {ck:.1f} |" in text
-    profile = (dry_run / "paper_profile.log").read_text()
-    assert "FIT Profiler Report" in profile and "Self CPU time total" in profile
-    assert "7 skipped" in (dry_run / "tests.log").read_text()  # the GPU-only tests, collected
+    log = (dry_run / "log.txt").read_text()
+    assert "FIT Profiler Report" in log and "Self CPU time total" in log
+    assert "7 skipped" in log  # the GPU-only tests, collected
+    assert "elapsed" in log and log.rstrip().endswith("status 0")
+    files = sorted(p.name for p in dry_run.iterdir())
+    assert len(files) <= 8, files  # what the device tool brings back
 
 
 def test_device_check_dry_run_state_ops_fewer_ops_equal_results(dry_run):

@@ -1,5 +1,6 @@
 """Each experiment config has a tiny twin under tests/configs that runs end to end here."""
 
+import torch
 import yaml
 
 from iopfl_lightning.data import make_synthetic_sites, write_iopfl_npy
@@ -66,3 +67,25 @@ def test_gpu_overlay_on_the_prostate_inside_twin_runs_on_cpu(tmp_path):
     cfg = yaml.safe_load((tmp_path / "version_0" / "config.yaml").read_text())
     assert cfg["trainer"]["precision"] == "bf16-mixed" and cfg["trainer"]["benchmark"] is True
     assert cfg["model"]["init_args"]["channels_last"] is True and cfg["data"]["device_cache"]
+
+
+def test_gpu_compile_overlay_compiles_the_training_forward(tmp_path, monkeypatch):
+    """experiments/gpu_compile.yaml after gpu.yaml: the inside twin trains through
+    torch.compile in reduce-overhead mode (the eager backend here: CPU, no code generation)."""
+    calls = []
+    real_compile = torch.compile
+
+    def eager_compile(model, **kwargs):
+        calls.append(kwargs)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    sites = make_synthetic_sites(
+        cases_per_split={"train": 1, "val": 1, "test": 1}, slices=3, size=32, seed=1
+    )
+    write_iopfl_npy(sites, tmp_path / "data")
+    rows = fit_rows("prostate_inside_tiny.yaml", tmp_path, "--config", GPU_OVERLAY,
+                    "--config", str(REPO / "experiments" / "gpu_compile.yaml"),
+                    "--trainer.accelerator", "cpu", "--data.root", str(tmp_path / "data"))
+    assert calls == [{"mode": "reduce-overhead"}]
+    assert {r["site"] for r in rows} == set(sites)

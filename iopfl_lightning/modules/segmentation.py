@@ -41,7 +41,7 @@ class SegmentationModule(pl.LightningModule):
         parameters are the net's own, so checkpoints and the FederatedTrainer are unaffected.
     compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs: no
         per-kernel launch cost; they need the weights at fixed addresses, which client switches
-        keep by copying in place; not yet timed on a GPU) or ``max-autotune``.
+        keep by copying in place; 1.33x a round on an H200, docs/performance.md) or ``max-autotune``.
     overlay_cases: test cases per site drawn in the run folder's ``overlays.png`` (their
         slice with the largest ground-truth area, every evaluated model); 0 draws none.
     """
