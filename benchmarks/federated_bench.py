@@ -54,6 +54,7 @@ class FedConfig:
     seed: int = 0
     profile: bool = False  # Lightning SimpleProfiler: where a round's host time goes
     torch_profile: bool = False  # torch.profiler over the last round: top ops, syncs, copies
+    flat_state: bool = True  # engine only: FederatedTrainer(flat_state=...)
 
 
 def make_datamodule(cfg: FedConfig) -> MultiSiteDataModule:
@@ -157,7 +158,7 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
                                 channels_last=cfg.channels_last,
                                 **({"compile": True, "compile_mode": cfg.compile_mode}
                                    if cfg.compile else {}))
-    fed = FederatedTrainer(alpha=ALPHA)
+    fed = FederatedTrainer(alpha=ALPHA, flat_state=cfg.flat_state)
     methods = time_methods(fed, ["_start_client", "_finish_client", "_finish_round"], device,
                            when={"_finish_round": lambda: fed._accumulator is not None})
     shared: dict = {"rounds": [], "images": 0}

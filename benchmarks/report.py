@@ -43,9 +43,15 @@ def _rows(results: dict) -> list[tuple[str, str, str]]:
             ("peak memory, MB", _f(e["peak_mb"], 0), _f(p["peak_mb"], 0)),
         ]
         for key, label in (("lightning_fp32", "engine in fp32, no channels_last"),
-                           ("lightning_loaders", "engine through DataLoaders (no device cache)")):
+                           ("lightning_loaders", "engine through DataLoaders (no device cache)"),
+                           ("lightning_per_tensor", "engine with per-tensor state ops")):
             if key in fed:
                 rows.append((f"round throughput, img/s, {label}", _f(fed[key]["images_per_s"]), ""))
+        if "lightning_per_tensor" in fed:
+            pt = fed["lightning_per_tensor"]
+            rows.append(("client switch / aggregation, ms, per-tensor state ops",
+                         f"{_f(pt['client_switch_ms']['median'], 2)} / "
+                         f"{_f(pt['aggregation_ms']['median'], 2)}", ""))
     routed = results.get("routed") or {}
     if routed:
         rows.append(("routed step, img/s (ours vs per-sample loop, fp32)",
@@ -100,6 +106,10 @@ def _suggestions(results: dict, compiled: dict | None) -> list[str]:
         lines.append(_pick("data.device_cache", {
             "on": fed["lightning"]["images_per_s"],
             "off": fed["lightning_loaders"]["images_per_s"]}))
+    if "lightning_per_tensor" in fed:
+        lines.append(_pick("trainer flat_state", {
+            "on": fed["lightning"]["images_per_s"],
+            "off": fed["lightning_per_tensor"]["images_per_s"]}))
     variants = (results.get("routed") or {}).get("variants") or {}
     if variants:
         lines.append(_pick("routing mix + memory format", {
@@ -130,11 +140,13 @@ def report(results: dict, state_ops: dict | None = None, compiled: dict | None =
         lines += _targets(measured)
     lines += _suggestions(results, compiled)
     if state_ops:
-        lines += ["", "| state op | aten calls old | new | ms old | ms new |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        for row in state_ops.get("rows", []):
+        lines += ["", "| state op | aten calls old | per-tensor | flat | ms old | per-tensor | flat |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for row in state_ops.get("rows", []):  # files before the flat column: "-"
+            flat_ms = f"{row['ms_flat']:.3f}" if "ms_flat" in row else "-"
             lines.append(f"| {row['step']} | {row['ops_old']} | {row['ops_new']} | "
-                         f"{row['ms_old']:.3f} | {row['ms_new']:.3f} |")
+                         f"{row.get('ops_flat', '-')} | {row['ms_old']:.3f} | "
+                         f"{row['ms_new']:.3f} | {flat_ms} |")
     return "\n".join(lines)
 
 

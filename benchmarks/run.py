@@ -75,6 +75,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="the engine's data finished once and kept on the device "
                         "(data.device_cache); default: on for CUDA, off for CPU")
+    p.add_argument("--per-tensor-engine", action="store_true",
+                   help="also run the engine with per-tensor state ops (flat_state=False)")
     p.add_argument("--loader-engine", action="store_true",
                    help="with --device-cache, also run the engine through ordinary DataLoaders")
     p.add_argument("--only", choices=["federated", "routed", "loader", "checkpoint", "outside"],
@@ -123,6 +125,9 @@ def run_federated(args, device) -> dict:
     if args.fp32_engine:
         fp32 = dataclasses.replace(cfg, precision="32-true", channels_last=False, compile=False)
         extra["lightning_fp32"] = lightning_rounds(fp32, device, dm)
+    if args.per_tensor_engine:
+        per_tensor = dataclasses.replace(cfg, flat_state=False)
+        extra["lightning_per_tensor"] = lightning_rounds(per_tensor, device, dm)
     if args.loader_engine and cfg.device_cache:
         loaders = dataclasses.replace(cfg, device_cache=False)
         dm.device_cache = False
@@ -233,6 +238,13 @@ def table(results: dict) -> str:
         if "lightning_loaders" in fed:
             row("round img/s: device cache vs DataLoaders", e["images_per_s"],
                 fed["lightning_loaders"]["images_per_s"])
+        if "lightning_per_tensor" in fed:
+            pt = fed["lightning_per_tensor"]
+            row("round img/s: flat vs per-tensor state ops", e["images_per_s"], pt["images_per_s"])
+            row("client switch, ms: flat vs per-tensor", e["client_switch_ms"]["median"],
+                pt["client_switch_ms"]["median"], 2)
+            row("aggregation, ms: flat vs per-tensor", e["aggregation_ms"]["median"],
+                pt["aggregation_ms"]["median"], 2)
         lines.append(f"engine time over plain loop: {_fmt(fed['engine_over_plain_time_pct'])}% "
                      f"(best rounds), {_fmt(fed['engine_over_plain_time_pct_median'])}% (median)")
     rt = results.get("routed")

@@ -1,15 +1,17 @@
-"""Host cost of a client switch and of an aggregation: per-key loops vs grouped foreach ops.
+"""Host cost of a client switch and of an aggregation: per-key loops, grouped foreach ops, flat.
 
 The paper UNet (features 32, 7.77 M parameters, 118 state tensors) and, for each step, the old
 way (``load_state_dict`` / ``state_dict`` and the per-key Python loops as they were, written out
-here) against the project's way (``copy_into`` / ``live_state``, ``UpdateAccumulator``,
-``ema_update``), in the same run:
+here) against the project's per-tensor way (``copy_into`` / ``live_state``,
+``UpdateAccumulator``, ``ema_update``, ``all_finite``: grouped foreach ops, ``flat_state=False``)
+and its flat way (the same functions on FlatStates of one layout, ``FlatAccumulator``: whole
+buffers, the default), in the same run:
 
 - aten ops: operator calls seen by a ``TorchDispatchMode`` (top-level calls, a foreach op counts
   once): deterministic, and on CUDA each one is at least one kernel launch;
 - wall time: median of ``--reps`` calls, CUDA-synchronised (on the CPU the copies and the
   arithmetic on 31 MB dominate, so expect the ops, not the time, to move there);
-- equal: whether the two ways give bitwise the same tensors.
+- equal: whether the ways give bitwise the same tensors as the old one.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/state_ops_bench.py [--device cuda] [--out FILE]``.
 """
@@ -25,9 +27,10 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from iopfl_lightning.federated.aggregate import UpdateAccumulator
+from iopfl_lightning.federated.aggregate import FlatAccumulator, UpdateAccumulator
+from iopfl_lightning.federated.flat import as_flat, detached_views, flatten_module
 from iopfl_lightning.federated.personalize import ema_update
-from iopfl_lightning.federated.state import copy_into, live_state
+from iopfl_lightning.federated.state import all_finite, copy_into, live_state
 from iopfl_lightning.nets import build_net
 
 ALPHA = 0.1
@@ -78,8 +81,13 @@ def old_ema(previous, local, alpha=ALPHA):
     return previous
 
 
-def new_mean(acc: UpdateAccumulator):
+def new_mean(acc: UpdateAccumulator | FlatAccumulator):
     return acc.mean_delta(), acc.mean_buffers()
+
+
+def old_all_finite(state) -> bool:
+    """One check and one host sync per tensor."""
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
 class _OpCounter(TorchDispatchMode):
@@ -144,17 +152,25 @@ def main() -> None:
         clients.append(state)
     live = live_state(net)
     reference = build_net("unet", in_channels=3, num_classes=2, features=32).to(device)
+    flat_net = build_net("unet", in_channels=3, num_classes=2, features=32).to(device)
+    flat_live = flatten_module(flat_net, param_keys)
+    layout = flat_live.layout
+    flat_global = as_flat(global_state, layout)
+    flat_clients = [as_flat(c, layout) for c in clients]
+    flat_local = detached_views(flat_live)
 
     def accumulators(n):
         old, new = OldAccumulator(global_state, param_keys), UpdateAccumulator(global_state, param_keys)
-        for state, weight in zip(clients[:n], COUNTS, strict=False):
+        flat = FlatAccumulator(flat_global)
+        for state, fstate, weight in zip(clients[:n], flat_clients, COUNTS, strict=False):
             old.add(state, weight)
             new.add(state, weight)
-        return old, new
+            flat.add(fstate, weight)
+        return old, new, flat
 
-    old1, new1 = accumulators(1)  # steady state: the sums exist, add() folds into them
-    old5, new5 = accumulators(len(COUNTS))
-    ema_old, ema_new = _clone(global_state), _clone(global_state)
+    old1, new1, flat1 = accumulators(1)  # steady state: the sums exist, add() folds into them
+    old5, new5, flat5 = accumulators(len(COUNTS))
+    ema_old, ema_new, ema_flat = _clone(global_state), _clone(global_state), as_flat(global_state, layout)
 
     def load_old():
         reference.load_state_dict(clients[0])
@@ -164,34 +180,49 @@ def main() -> None:
         copy_into(live, clients[0])
         return live
 
-    cases = {  # name: (old, new, compare the results)
-        "load state into net": (load_old, load_new, True),
-        "read net state": (net.state_dict, lambda: {k: v.detach() for k, v in live.items()}, True),
+    def load_flat():
+        copy_into(flat_live, flat_clients[0])
+        return flat_live
+
+    cases = {  # name: (old, per-tensor, flat, compare the results)
+        "load state into net": (load_old, load_new, load_flat, True),
+        "read net state": (net.state_dict, lambda: {k: v.detach() for k, v in live.items()},
+                           lambda: flat_local, True),
+        "NaN/inf check": (lambda: old_all_finite(clients[3]), lambda: all_finite(clients[3]),
+                          lambda: all_finite(flat_clients[3]), None),
         "accumulator add": (lambda: old1.add(clients[1], COUNTS[1]),
-                            lambda: new1.add(clients[1], COUNTS[1]), False),
+                            lambda: new1.add(clients[1], COUNTS[1]),
+                            lambda: flat1.add(flat_clients[1], COUNTS[1]), False),
         "EMA update": (lambda: old_ema(ema_old, clients[2]),
-                       lambda: ema_update(ema_new, clients[2], ALPHA), True),
-        "mean of 5 clients": (old5.mean, lambda: new_mean(new5), True),
+                       lambda: ema_update(ema_new, clients[2], ALPHA),
+                       lambda: ema_update(ema_flat, flat_clients[2], ALPHA), True),
+        "mean of 5 clients": (old5.mean, lambda: new_mean(new5), lambda: new_mean(flat5), True),
     }
     rows = []
-    for name, (old, new, compare) in cases.items():
-        equal = _equal(old(), new()) if compare else None  # before timing mutates the sums
-        ms_old, ms_new = median_ms([old, new], device, args.reps)
+    for name, (old, new, flat, compare) in cases.items():
+        if compare:  # before timing mutates the sums; each way called once
+            first, second, third = old(), new(), flat()
+            equal = _equal(first, second) and _equal(first, third)
+        else:
+            equal = old() == new() == flat() if compare is None else None
+        ms_old, ms_new, ms_flat = median_ms([old, new, flat], device, args.reps)
         rows.append({"step": name, "ops_old": count_ops(old), "ops_new": count_ops(new),
-                     "ms_old": ms_old, "ms_new": ms_new, "equal": equal})
-    rows[2]["equal"] = _equal(old1.mean(), new_mean(new1))  # the sums after as many adds
-    rows.append({"step": "sum of the above", **{c: sum(r[c] for r in rows)
-                                     for c in ("ops_old", "ops_new", "ms_old", "ms_new")},
+                     "ops_flat": count_ops(flat), "ms_old": ms_old, "ms_new": ms_new,
+                     "ms_flat": ms_flat, "equal": equal})
+    add = next(r for r in rows if r["step"] == "accumulator add")
+    add["equal"] = _equal(old1.mean(), new_mean(new1)) and _equal(old1.mean(), new_mean(flat1))
+    columns = ("ops_old", "ops_new", "ops_flat", "ms_old", "ms_new", "ms_flat")
+    rows.append({"step": "sum of the above", **{c: sum(r[c] for r in rows) for c in columns},
                  "equal": all(r["equal"] is not False for r in rows)})
 
     print(f"device {device}, torch {torch.__version__}, {len(global_state)} state tensors, "
           f"{sum(v.numel() for v in global_state.values()) / 1e6:.2f} M values, "
           f"median of {args.reps}")
-    print(f"{'step':<22}{'ops old':>8}{'ops new':>8}{'ms old':>9}{'ms new':>9}  equal")
+    print(f"{'step':<22}{'ops old':>8}{'new':>6}{'flat':>6}{'ms old':>9}{'new':>9}{'flat':>9}  equal")
     for r in rows:
         eq = "-" if r["equal"] is None else ("yes" if r["equal"] else "NO")
-        print(f"{r['step']:<22}{r['ops_old']:>8}{r['ops_new']:>8}"
-              f"{r['ms_old']:>9.3f}{r['ms_new']:>9.3f}  {eq}")
+        print(f"{r['step']:<22}{r['ops_old']:>8}{r['ops_new']:>6}{r['ops_flat']:>6}"
+              f"{r['ms_old']:>9.3f}{r['ms_new']:>9.3f}{r['ms_flat']:>9.3f}  {eq}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": str(device), "torch": torch.__version__, "reps": args.reps,

@@ -101,7 +101,7 @@ def test_device_check_dry_run_benchmark_json_is_complete(dry_run):
     data = json.loads((dry_run / "paper.json").read_text())
     _check(data)
     assert data["precision"] == "32-true" and data["device_cache"] is True
-    for engine in ("lightning_fp32", "lightning_loaders"):
+    for engine in ("lightning_fp32", "lightning_loaders", "lightning_per_tensor"):
         assert data["federated"][engine]["images_per_s"] > 0, engine
     assert "round throughput" in (dry_run / "log.txt").read_text()
 
@@ -113,6 +113,7 @@ def test_device_check_dry_run_report_and_profiles(dry_run):
     assert "targets apply to the paper preset on a GPU" in text
     assert "| sum of the above |" in text
     assert "- data.device_cache:" in text and "- routing mix + memory format:" in text
+    assert "- trainer flat_state:" in text and "per-tensor state ops |" in text
     ck = data["checkpoint"]["ours"]["wait_ms_per_round"]["median"]
     assert f"| checkpoint wait per round, ms (ours vs Lightning stock) | {ck:.1f} |" in text
     log = (dry_run / "log.txt").read_text()
@@ -126,8 +127,11 @@ def test_device_check_dry_run_report_and_profiles(dry_run):
 def test_device_check_dry_run_state_ops_fewer_ops_equal_results(dry_run):
     rows = {row["step"]: row for row in json.loads((dry_run / "state_ops.json").read_text())["rows"]}
     assert all(row["equal"] for row in rows.values())
-    for step in ("load state into net", "accumulator add", "EMA update", "mean of 5 clients"):
+    for step in ("load state into net", "accumulator add", "EMA update", "mean of 5 clients",
+                 "NaN/inf check"):
         assert rows[step]["ops_new"] < rows[step]["ops_old"], step
+    for step in ("load state into net", "read net state", "NaN/inf check"):  # whole buffers
+        assert rows[step]["ops_flat"] < rows[step]["ops_new"], step
 
 
 def test_report_of_the_h200_run_checks_the_targets():

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from iopfl_lightning.federated.flat import FlatState, as_flat, shares_layout
 from iopfl_lightning.federated.state import StateDict, group_keys, is_float
 
 ServerOptName = Literal["fedavg", "fedavgm", "fedadam"]
@@ -100,6 +101,98 @@ class UpdateAccumulator:
             raise RuntimeError("no client update was added in this round")
 
 
+class FlatAccumulator:
+    """``UpdateAccumulator`` over a FlatState global: the same foreach ops and results, each on
+    a whole buffer's parameter segment or buffer segment instead of on every tensor.
+
+    Client states of another layout are copied into this one first.
+    """
+
+    def __init__(self, global_state: FlatState):
+        self.global_state = global_state
+        self.layout = layout = global_state.layout
+        self.total_weight = 0.0
+        self.num_clients = 0
+        groups = range(len(layout.numel))
+        self._floats = [g for g in groups if layout.is_float(g)]
+        self._ints = [g for g in groups if not layout.is_float(g)]
+        self._cut = layout.param_numel
+        self._delta_sum: list[Tensor] = []  # per float buffer: weighted parameter deltas
+        self._buffer_sum: list[Tensor] = []  # per float buffer: weighted buffer values
+        self._int_max: list[Tensor] = []
+
+    @torch.no_grad()
+    def add(self, client_state: Mapping[str, Tensor], weight: float) -> None:
+        if weight <= 0:
+            raise ValueError(f"client weight must be positive, got {weight}")
+        client = as_flat(client_state, self.layout)
+        if not shares_layout(client, self.global_state):
+            raise ValueError("client state does not match the global state's keys and shapes")
+        cb, gb = client.buffers, self.global_state.buffers
+        delta = torch._foreach_sub([cb[g][: self._cut[g]] for g in self._floats],
+                                   [gb[g][: self._cut[g]] for g in self._floats])
+        torch._foreach_mul_(delta, weight)
+        values = torch._foreach_mul([cb[g][self._cut[g]:] for g in self._floats], weight)
+        ints = [cb[g] for g in self._ints]
+        if self.num_clients:
+            torch._foreach_add_(self._delta_sum, delta)
+            torch._foreach_add_(self._buffer_sum, values)
+            # out of place: values handed out by mean_buffers stay as they are
+            self._int_max = torch._foreach_maximum(self._int_max, ints) if ints else []
+        else:
+            self._delta_sum, self._buffer_sum = delta, values
+            self._int_max = [t.clone() for t in ints]
+        self.total_weight += weight
+        self.num_clients += 1
+
+    def _group_list(self, groups: list[int], tensors: list[Tensor]) -> list:
+        """``tensors`` (one per group of ``groups``) placed at their buffer indices."""
+        out: list = [None] * len(self.layout.numel)
+        for g, t in zip(groups, tensors, strict=True):
+            out[g] = t
+        return out
+
+    @torch.no_grad()
+    def mean_delta(self) -> StateDict:
+        self._require_clients()
+        means = torch._foreach_div(self._delta_sum, self.total_weight)
+        keys = [k for k in self.layout.keys if k in self.layout.param_keys]
+        return self.layout.views(self._group_list(self._floats, means), keys)
+
+    @torch.no_grad()
+    def mean_buffers(self) -> StateDict:
+        self._require_clients()
+        means = torch._foreach_div(self._buffer_sum, self.total_weight)
+        floats = [k for k in self.layout.keys if k not in self.layout.param_keys
+                  and self.layout.is_float(self.layout.slots[k].group)]
+        out = self.layout.views(self._group_list(self._floats, means), floats, starts=self._cut)
+        ints = [k for k in self.layout.keys if not self.layout.is_float(self.layout.slots[k].group)]
+        out.update(self.layout.views(self._group_list(self._ints, self._int_max), ints))
+        return out
+
+    @torch.no_grad()
+    def write_mean_buffers(self, target: FlatState) -> None:
+        """``mean_buffers()`` written into ``target``'s buffer segments (one op per buffer)."""
+        self._require_clients()
+        if target.layout is not self.layout:
+            raise ValueError("target is not laid out like the global state")
+        means = torch._foreach_div(self._buffer_sum, self.total_weight)
+        for g, mean in zip(self._floats, means, strict=True):
+            target.buffers[g][self._cut[g]:].copy_(mean)
+        for g, values in zip(self._ints, self._int_max, strict=True):
+            target.buffers[g].copy_(values)
+
+    _require_clients = UpdateAccumulator._require_clients
+
+
+def make_accumulator(global_state: Mapping[str, Tensor], param_keys: set[str]):
+    """The round's accumulator: over flat buffers when the global state is laid out flat with
+    exactly these parameter keys, else per tensor."""
+    if isinstance(global_state, FlatState) and global_state.layout.param_keys == set(param_keys):
+        return FlatAccumulator(global_state)
+    return UpdateAccumulator(global_state, param_keys)
+
+
 def weighted_average(states: list[Mapping[str, Tensor]], weights: list[float]) -> StateDict:
     """Plain sample-weighted average of whole states (float entries; ints take the max)."""
     if not states or len(states) != len(weights):
@@ -140,11 +233,20 @@ class ServerOptimizer:
     @torch.no_grad()
     def step(self, mean_delta: Mapping[str, Tensor]) -> StateDict:
         """One server step; returns the new global parameters (the optimizer's own tensors)."""
-        for k, p in zip(self.keys, self.params, strict=True):
-            p.grad = -mean_delta[k].to(p.dtype)
+        deltas = [mean_delta[k].to(p.dtype) for k, p in zip(self.keys, self.params, strict=True)]
+        for p, g in zip(self.params, torch._foreach_neg(deltas), strict=True):
+            p.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {k: p.detach() for k, p in zip(self.keys, self.params, strict=True)}
+
+    @torch.no_grad()
+    def bind(self, params: Mapping[str, Tensor]) -> None:
+        """Steps now update ``params`` in place (they must hold the optimizer's current values):
+        a flat global state's views, so a step writes the new global weights where they live.
+        The optimizer's state stays with its parameters."""
+        for k, p in zip(self.keys, self.params, strict=True):
+            p.data = params[k]
 
     @torch.no_grad()
     def load_params(self, params: Mapping[str, Tensor]) -> None:

@@ -39,7 +39,20 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from iopfl_lightning.federated.aggregate import ServerOptimizer, ServerOptName, UpdateAccumulator
+from iopfl_lightning.federated.aggregate import (
+    FlatAccumulator,
+    ServerOptimizer,
+    ServerOptName,
+    UpdateAccumulator,
+    make_accumulator,
+)
+from iopfl_lightning.federated.flat import (
+    FlatState,
+    as_flat,
+    backs,
+    detached_views,
+    flatten_module,
+)
 from iopfl_lightning.federated.methods import FederatedMethod, build_method
 from iopfl_lightning.federated.participation import select_clients
 from iopfl_lightning.federated.personalize import check_alpha
@@ -52,6 +65,7 @@ from iopfl_lightning.federated.state import (
     copy_into,
     live_state,
     norm_keys,
+    reset_optimizer_state,
     subset,
 )
 
@@ -59,6 +73,8 @@ log = logging.getLogger(__name__)
 
 
 def _to(state: StateDict, device: torch.device) -> StateDict:
+    if isinstance(state, FlatState):  # one copy per buffer, not per tensor
+        return state.layout.views([b.to(device) for b in state.buffers])
     return {k: v.to(device) for k, v in state.items()}
 
 
@@ -83,6 +99,11 @@ class FederatedTrainer(Callback):
         on_nonfinite: a client whose weights turn NaN/inf after local training is ``skip``-ped
             (left out of the round's aggregate and of its personalized copy, with a warning) or
             the run stops with a ``FloatingPointError`` (``raise``).
+        flat_state: keep the net's parameters and buffers, the global weights, the personalized
+            copies and the round's sums in one flat buffer per dtype with one layout, so a
+            client switch and an aggregation are a few whole-buffer ops instead of work per
+            tensor (:mod:`iopfl_lightning.federated.flat`). The same results; off falls back
+            to grouped per-tensor ops (and leaves the net's tensors where they are).
     """
 
     _STATE_KEYS = (
@@ -105,6 +126,7 @@ class FederatedTrainer(Callback):
         method: str | FederatedMethod = "iopfl",
         method_args: dict[str, Any] | None = None,
         on_nonfinite: Literal["skip", "raise"] = "skip",
+        flat_state: bool = True,
     ):
         super().__init__()
         self.alpha = check_alpha(alpha)
@@ -132,6 +154,7 @@ class FederatedTrainer(Callback):
             method_args = {"alpha": alpha, **(method_args or {})}
         self.method = build_method(method, method_args)
         self.on_nonfinite = on_nonfinite
+        self.flat_state = flat_state
 
         self.round = 0
         self.sites: list[str] = []
@@ -144,6 +167,8 @@ class FederatedTrainer(Callback):
         self._server_state: dict | None = None
         self._accumulator: UpdateAccumulator | None = None
         self._live: StateDict | None = None  # the net's own tensors, refreshed every round
+        self._live_flat: FlatState | None = None  # the same, once the net is laid out flat
+        self._local: StateDict | None = None  # plain views of the net's tensors (state_dict())
         self._client: int | None = None
         self.run_id: str | None = None
         self.nonfinite: list[tuple[int, str]] = []  # (round, site) of every skipped client
@@ -205,11 +230,29 @@ class FederatedTrainer(Callback):
 
     # ---------------------------------------------------------------- rounds
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._accumulator = UpdateAccumulator(self.global_state, self._param_keys)
         # Client switches read and write the net through this mapping (grouped copies instead of
-        # state_dict/load_state_dict). Rebuilt each round: moving the net replaces its buffers.
-        self._live = live_state(self._net(pl_module))
+        # state_dict/load_state_dict). Checked each round: moving the net replaces its tensors.
+        self._live = self._live_tensors(self._net(pl_module))
+        if isinstance(self._live, FlatState):
+            self._local = detached_views(self._live)
+            self.global_state = as_flat(self.global_state, self._live.layout)
+            # the server's steps then write the new global parameters in place
+            self.server.bind(subset(self.global_state, self._param_keys))
+        else:
+            self._local = None
+        self._accumulator = make_accumulator(self.global_state, self._param_keys)
         self._client = None
+
+    def _live_tensors(self, net: torch.nn.Module) -> StateDict:
+        if not self.flat_state:
+            return live_state(net)
+        live = self._live_flat
+        if live is None or not backs(live, net):
+            live = self._live_flat = flatten_module(net, self._param_keys)
+            if live is not None:  # a new layout: bring the kept copies onto it (once)
+                self.personalized = {k: as_flat(s, live.layout)
+                                     for k, s in self.personalized.items()}
+        return live if live is not None else live_state(net)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -281,7 +324,7 @@ class FederatedTrainer(Callback):
             if stored is not None:
                 optimizer.load_state_dict(stored)
             else:
-                optimizer.state.clear()  # Adam re-initialises its moments lazily
+                reset_optimizer_state(optimizer)
         self.method.start_client(pl_module, client, self.global_state, self.personalized.get(client))
         self._client = client
         describe_round(trainer, self.round, self.sites[client])
@@ -305,7 +348,9 @@ class FederatedTrainer(Callback):
 
     def _finish_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         client = self._client
-        local = {k: v.detach() for k, v in self._live.items()}  # what state_dict() returns
+        # what state_dict() returns: views of the net's tensors
+        local = self._local if self._local is not None else {
+            k: v.detach() for k, v in self._live.items()}
         self._client = None
         if not all_finite(local):
             self._nonfinite_client(client)
@@ -350,11 +395,14 @@ class FederatedTrainer(Callback):
                         "set on_nonfinite='raise' to stop at the first fault", self.round)
         else:
             params = self.server.step(self._accumulator.mean_delta())
-            merged = {**self._accumulator.mean_buffers(), **params}
-            self.global_state = {k: merged[k] for k in self.global_state}  # keep key order
+            if isinstance(self._accumulator, FlatAccumulator):  # the server stepped in place
+                self._accumulator.write_mean_buffers(self.global_state)
+            else:
+                merged = {**self._accumulator.mean_buffers(), **params}
+                self.global_state = {k: merged[k] for k in self.global_state}  # keep key order
         copy_into(self._live, self.global_state)
         self._accumulator = None
-        self._live = None
+        self._live = self._local = None
         self.round += 1
         self._publish(pl_module)
 

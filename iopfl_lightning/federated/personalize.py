@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from iopfl_lightning.federated.flat import shares_layout
 from iopfl_lightning.federated.state import StateDict, clone_state, copy_into, group_keys, is_float
 
 
@@ -27,11 +28,15 @@ def ema_update(previous: StateDict | None, local: Mapping[str, Tensor], alpha: f
     """Returns the updated copy; ``previous`` is updated in place, ``local`` is never modified.
 
     Per float entry ``p.mul_(alpha).add_(w, alpha=1 - alpha)``, done as two foreach ops per
-    (device, dtype) group of ``previous``.
+    (device, dtype) group of ``previous`` (over whole buffers when both are FlatStates of one
+    layout: the same kernels on fewer, longer tensors).
     """
     check_alpha(alpha)
     if previous is None:
         return clone_state(local)
+    if shares_layout(previous, local):
+        _ema_flat(previous, local, alpha)
+        return previous
     floats: list[str] = []
     ints: list[str] = []
     for k in local:
@@ -42,3 +47,15 @@ def ema_update(previous: StateDict | None, local: Mapping[str, Tensor], alpha: f
         torch._foreach_add_(ps, [local[k] for k in keys], alpha=1.0 - alpha)
     copy_into(previous, local, ints)
     return previous
+
+
+def _ema_flat(previous, local, alpha: float) -> None:
+    groups = range(len(previous.buffers))
+    floats = [g for g in groups if previous.layout.is_float(g)]
+    if floats:
+        ps = [previous.buffers[g] for g in floats]
+        torch._foreach_mul_(ps, alpha)
+        torch._foreach_add_(ps, [local.buffers[g] for g in floats], alpha=1.0 - alpha)
+    for g in groups:
+        if g not in floats:
+            previous.buffers[g].copy_(local.buffers[g])

@@ -17,13 +17,18 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from iopfl_lightning.federated.flat import FlatState, shares_layout
+
 StateDict = dict[str, Tensor]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def clone_state(state: Mapping[str, Tensor]) -> StateDict:
-    """Detached copies on the same device (never aliases the live module's tensors)."""
+    """Detached copies on the same device (never aliases the live module's tensors); a
+    FlatState's copy is a FlatState of the same layout (one copy per buffer)."""
+    if isinstance(state, FlatState):
+        return FlatState(state.layout, [b.detach().clone() for b in state.buffers])
     return {k: v.detach().clone() for k, v in state.items()}
 
 
@@ -55,8 +60,12 @@ def copy_into(live: Mapping[str, Tensor], state: Mapping[str, Tensor],
     """``live[k].copy_(state[k])`` for every key of ``state`` (or ``keys``), in place.
 
     What ``load_state_dict`` does for a matching state, as one ``_foreach_copy_`` per
-    (device, dtype) pair of target and source. Shapes must match (``copy_`` would broadcast).
+    (device, dtype) pair of target and source (one copy per buffer between FlatStates of one
+    layout). Shapes must match (``copy_`` would broadcast).
     """
+    if keys is None and shares_layout(live, state):
+        torch._foreach_copy_(live.buffers, state.buffers)
+        return
     groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
     for k in state if keys is None else keys:
         dst, src = live[k], state[k]
@@ -102,13 +111,47 @@ def all_finite(state: Mapping[str, Tensor]) -> bool:
 
     One fused max-abs reduction per dtype group (``torch._foreach_norm`` with ``ord=inf``, which
     cannot overflow and propagates NaN), then a single host sync for the whole state instead of
-    one ``.item()`` per tensor.
+    one ``.item()`` per tensor. A FlatState is checked whole, one reduction per float buffer
+    (its alignment gaps are zeros).
     """
     groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for v in state.values():
-        if is_float(v) and v.numel():
-            groups.setdefault((v.dtype, v.device), []).append(v.detach())
+    if isinstance(state, FlatState):
+        for g, b in enumerate(state.buffers):
+            if state.layout.is_float(g) and b.numel():
+                groups[(b.dtype, b.device)] = [b]
+    else:
+        for v in state.values():
+            if is_float(v) and v.numel():
+                groups.setdefault((v.dtype, v.device), []).append(v.detach())
     flags = [
         torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in groups.values()
     ]
     return bool(torch.stack([f.cpu() for f in flags]).all()) if flags else True
+
+
+_ZEROED_WHEN_FRESH = (torch.optim.Adam, torch.optim.AdamW)
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Gives ``optimizer`` a fresh state, as a newly built one would have.
+
+    Adam and AdamW start from zero moments and step counts, so their existing state tensors
+    are zeroed in place (a few foreach kernels; the same arithmetic follows as after a lazy
+    start, which would allocate and fill every tensor anew at the next step). Any other
+    optimizer's state is cleared: its lazy start may not be all zeros (SGD's momentum starts
+    from the first gradient).
+    """
+    if type(optimizer) not in _ZEROED_WHEN_FRESH:
+        optimizer.state.clear()
+        return
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for entry in optimizer.state.values():
+        for value in entry.values():
+            if isinstance(value, Tensor):
+                groups.setdefault((value.device, value.dtype), []).append(value)
+            else:  # a Python number (some step counters): not zeroable in place
+                optimizer.state.clear()
+                return
+    for tensors in groups.values():
+        torch._foreach_zero_(tensors)

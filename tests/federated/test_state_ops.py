@@ -13,7 +13,7 @@ from torch import nn
 
 from iopfl_lightning.federated.aggregate import UpdateAccumulator
 from iopfl_lightning.federated.personalize import ema_update
-from iopfl_lightning.federated.state import copy_into, live_state
+from iopfl_lightning.federated.state import copy_into, live_state, reset_optimizer_state
 
 PARAMS = {"conv.weight", "bn.weight", "bn.bias", "scale", "head.weight"}
 WEIGHTS = [3.0, 7.0, 11.0, 2.0, 5.0]
@@ -190,3 +190,37 @@ def test_cuda_accumulator_and_ema_match_the_loops_to_an_ulp():
     for k, v in copy_.items():
         want = clients[0][k] * 0.1 + clients[1][k] * 0.9 if v.is_floating_point() else clients[1][k]
         torch.testing.assert_close(v, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.5),
+])
+def test_reset_optimizer_state_continues_exactly_like_a_fresh_optimizer(make):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(16, 4)
+
+    def steps(opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+
+    used = make(net.parameters())
+    steps(used, 3)  # a previous client's moments and step counts
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    reset_optimizer_state(used)
+    if isinstance(used, torch.optim.SGD):
+        assert not used.state  # its lazy start is the first gradient, not zeros: cleared
+    else:
+        assert used.state and all(
+            not t.any() for s in used.state.values() for t in s.values()
+        )
+    steps(used, 3)
+    after_reset = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(start)
+    steps(make(net.parameters()), 3)
+    for k, v in net.state_dict().items():
+        assert torch.equal(after_reset[k], v), k
