@@ -141,6 +141,11 @@ def test_flat_copy_finite_clone_and_ema_match_the_per_tensor_paths():
         bad = clone_state(flat_prev)
         bad[key].view(-1)[0] = float("nan")
         assert not all_finite(bad), key
+        bad[key].view(-1)[0] = float("-inf")
+        assert not all_finite(bad), key
+    huge = clone_state(flat_prev)  # finite, but its sum overflows to inf
+    huge["encoder1.conv1.weight"].view(-1)[:2] = 3e38
+    assert torch.isinf(huge.buffers[0].sum()) and all_finite(huge)
 
 
 def test_flat_accumulator_matches_the_per_tensor_accumulator():
