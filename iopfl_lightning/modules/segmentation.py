@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch.func import functional_call
 
+from iopfl_lightning.federated.state import check_same_keys
 from iopfl_lightning.modules.evaluation import SiteEvaluator, log_rows, report_test
 from iopfl_lightning.modules.losses import LossName, SegmentationLoss
 from iopfl_lightning.modules.optim import adam
@@ -75,13 +76,24 @@ class SegmentationModule(pl.LightningModule):
         self.loss_fn = SegmentationLoss(loss)
         self.net: torch.nn.Module | None = None
         self.net_spec: dict | None = None
-        self.personalized_states: dict[str, dict[str, torch.Tensor]] = {}
+        self.personalized_states = {}
         self._evaluator: SiteEvaluator | None = None
         self._overlays: OverlayCases | None = None
         self._round_loss: torch.Tensor | None = None
         self._round_batches = 0
         if in_channels is not None and num_classes is not None:
             self._build(in_channels, num_classes)
+
+    @property
+    def personalized_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each site's personalized state, evaluated beside the global weights; checked against
+        the net's keys and shapes at the first evaluation after it is set."""
+        return self._personalized_states
+
+    @personalized_states.setter
+    def personalized_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        self._personalized_states = dict(states)
+        self._states_checked = False
 
     # ------------------------------------------------------------ construction
     def _build(self, in_channels: int, num_classes: int) -> None:
@@ -172,7 +184,12 @@ class SegmentationModule(pl.LightningModule):
         logits = {"global": self(batch["image"])}
         state = self.personalized_states.get(site)
         if state is not None:
-            logits["personalized"] = self(batch["image"], state)
+            if not self._states_checked:  # once per published set, not per batch
+                for name, other in self.personalized_states.items():
+                    check_same_keys(self.net.state_dict(), other, f"personalized state of {name!r}")
+                self._states_checked = True
+            image = self._prepare(batch["image"])  # keys checked: skip functional_call's check
+            logits["personalized"] = functional_call(self.net, state, (image,), strict=False)
         for model, scores in logits.items():
             self._evaluator.update(site, model, scores, batch)
         if stage == "test" and self._overlays is not None:
