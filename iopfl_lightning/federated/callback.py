@@ -52,6 +52,7 @@ from iopfl_lightning.federated.flat import (
     backs,
     detached_views,
     flatten_module,
+    unflatten_module,
 )
 from iopfl_lightning.federated.methods import FederatedMethod, build_method
 from iopfl_lightning.federated.participation import select_clients
@@ -279,6 +280,7 @@ class FederatedTrainer(Callback):
         self._publish(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release_net()
         if trainer.is_global_zero and self.global_state is not None:
             personal = self.personal_models()
             untrained = [site for k, site in enumerate(self.sites) if k not in personal]
@@ -297,6 +299,17 @@ class FederatedTrainer(Callback):
                 run_id=self.run_id,
             )
             log.info("wrote %s", path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._release_net()
+
+    def _release_net(self) -> None:
+        """Out of training the net's tensors get their own storage back (re-laid out flat at
+        the next round)."""
+        if self._live_flat is not None:
+            unflatten_module(self._live_flat)
+            self._live_flat = self._live = self._local = None
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

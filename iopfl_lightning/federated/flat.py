@@ -168,6 +168,15 @@ def flatten_module(net: nn.Module, param_keys: Collection[str]) -> FlatState | N
     return FlatState(layout, buffers, state)
 
 
+@torch.no_grad()
+def unflatten_module(flat: FlatState) -> None:
+    """Gives each tensor of a flattened net its own storage again (same objects, same values
+    and strides), so nothing outside training meets tensors that share one buffer (a
+    ``safetensors`` export refuses those; saving one of them alone would write the buffer)."""
+    for t in flat.values():
+        t.data = t.data.clone(memory_format=torch.preserve_format)
+
+
 def backs(flat: FlatState, net: nn.Module) -> bool:
     """True while ``flat``'s buffers still hold the net's tensors (moving the net, ``.to``,
     replaces them)."""

@@ -33,13 +33,17 @@ def write_routing_space(
     rounds: int = 0,
     run_id: str | None = None,
 ) -> Path:
-    cpu = {k: v.detach().cpu() for k, v in global_state.items()}
+    # own copies: each tensor its own storage, even from a flat state's shared buffer
+    def cpu_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    cpu = cpu_copy(global_state)
     payload = {
         "format_version": FORMAT_VERSION,
         "net_spec": dict(net_spec) if net_spec is not None else None,
         "sites": list(sites),
         "global": cpu,
-        "personalized": {s: {k: v.detach().cpu() for k, v in st.items()} for s, st in personalized.items()},
+        "personalized": {s: cpu_copy(st) for s, st in personalized.items()},
         "sample_counts": dict(sample_counts or {}),
         "rounds": int(rounds),
         "run_id": run_id,

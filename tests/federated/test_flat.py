@@ -215,3 +215,16 @@ def test_trainer_with_flat_state_trains_the_same_federation(tmp_path, options):
 def test_iopfl_personalized_copies_stay_flat(tmp_path):
     _, flat = _fit(tmp_path, True)
     assert flat.personalized and all(isinstance(s, FlatState) for s in flat.personalized.values())
+
+
+def test_after_fit_the_net_and_the_routing_space_hold_tensors_of_their_own(tmp_path):
+    module, flat = _fit(tmp_path, True)
+    state = module.net.state_dict()
+    storages = {t.untyped_storage().data_ptr() for t in state.values()}
+    assert len(storages) == len(state)  # unflattened at the end of fit (safetensors-safe)
+    assert flat._live_flat is None
+    saved = torch.load(next(tmp_path.rglob("routing_space.pt")), weights_only=True)
+    for tensors in (saved["global"], *saved["personalized"].values()):
+        assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == len(tensors)
+        for t in tensors.values():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
