@@ -68,12 +68,13 @@ class FlatLayout:
 
     @staticmethod
     def supports(state: Mapping[str, Tensor]) -> bool:
-        """Every tensor dense (its elements fill one range) and no storage behind two keys."""
+        """Every tensor dense (its elements fill one range) and none behind two keys (tied
+        weights: flattening would untie them)."""
         ptrs = set()
         for t in state.values():
-            if not _dense(t) or t.untyped_storage().data_ptr() in ptrs:
+            if not _dense(t) or (t.numel() and t.data_ptr() in ptrs):
                 return False
-            ptrs.add(t.untyped_storage().data_ptr())
+            ptrs.add(t.data_ptr())
         return True
 
     def is_float(self, group: int) -> bool:

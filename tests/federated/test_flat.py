@@ -228,3 +228,17 @@ def test_after_fit_the_net_and_the_routing_space_hold_tensors_of_their_own(tmp_p
         assert len({t.untyped_storage().data_ptr() for t in tensors.values()}) == len(tensors)
         for t in tensors.values():
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_a_net_whose_tensors_already_share_a_buffer_is_laid_out_again():
+    """Views into one storage at different places (a net loaded from a flat save) are not tied
+    weights: the net is flattened into a fresh layout, its values kept."""
+    net = _net()
+    flat = flatten_module(net, _params(net))
+    other = _net(seed=1)
+    other.load_state_dict(dict(detached_views(flat)), assign=True)  # views of flat's buffers
+    assert other.encoder1.conv1.weight.data_ptr() == net.encoder1.conv1.weight.data_ptr()
+    again = flatten_module(other, _params(other))
+    assert again is not None and again.buffers[0].data_ptr() != flat.buffers[0].data_ptr()
+    assert backs(flat, net) and backs(again, other)  # each net on its own buffers now
+    _equal(other.state_dict(), net.state_dict())
