@@ -60,6 +60,9 @@ def _rows(results: dict) -> list[tuple[str, str, str]]:
         for name, v in (routed.get("variants") or {}).items():
             rows.append((f"routed step, img/s, {name.replace('_', ' + ', 1)}",
                          _f(v["images_per_s"]), ""))
+        if "compiled" in routed:
+            rows.append((f"routed step, img/s, compiled ({routed['compiled']['mode']})",
+                         _f(routed["compiled"]["images_per_s"]), ""))
     od = results.get("outside") or {}
     if od:
         rows.append(("outside adaptation end to end, img/s per pass (online, TENT; vs per-sample "
@@ -114,6 +117,11 @@ def _suggestions(results: dict, compiled: dict | None) -> list[str]:
     if variants:
         lines.append(_pick("routing mix + memory format", {
             name.replace("_", " + ", 1): v["images_per_s"] for name, v in variants.items()}))
+    routed = results.get("routed") or {}
+    if "compiled" in routed:
+        lines.append(_pick("routing compile", {
+            "off": routed["batched"]["images_per_s"],
+            routed["compiled"]["mode"]: routed["compiled"]["images_per_s"]}))
     if compiled and compiled.get("federated"):
         mode = compiled.get("compile_mode", "default")
         lines.append(_pick("model.compile", {

@@ -118,10 +118,24 @@ def mix_difference(module: RoutingModule, x: Tensor) -> float:
     return (module.net(x) - outputs).abs().max().item()
 
 
+def compiled_steps(module: RoutingModule, x: Tensor, device: torch.device, precision: str,
+                   steps: int, mode: str) -> dict:
+    """``time_steps`` with the routed net swapped for its ``torch.compile`` (same parameters),
+    two warm-up steps (compilation, then the first replay); the net is swapped back after."""
+    net = module.net
+    module.net = torch.compile(net, **({} if mode == "default" else {"mode": mode}))
+    try:
+        return {"mode": mode, **time_steps(module, x, device, precision, steps, warmup=2)}
+    finally:
+        module.net = net
+
+
 def routed_bench(features: int, size: int, batch: int, experts: int, device: torch.device,
-                 precision: str, channels_last: bool, steps: int, loop_steps: int) -> dict:
+                 precision: str, channels_last: bool, steps: int, loop_steps: int,
+                 compile_mode: str | None = None) -> dict:
     """Batched step at ``precision`` (+ channels_last), and the per-sample loop in fp32 (the
-    reference's setting), on the same images."""
+    reference's setting), on the same images; with ``compile_mode``, also the batched step
+    through ``torch.compile`` of the routed net (``compiled``; its first steps compile)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with tempfile.TemporaryDirectory() as tmp:
         batched = build_module(Path(tmp), features, experts).to(device)
@@ -143,6 +157,9 @@ def routed_bench(features: int, size: int, batch: int, experts: int, device: tor
            "batched_outputs": variants[f"outputs_{chosen}"], "variants": variants}
     set_mix(batched.net, "kernels")
     batched.net.to(memory_format=memory_format)
+    if compile_mode is not None:
+        out["compiled"] = compiled_steps(batched, x.contiguous(memory_format=memory_format),
+                                         device, precision, steps, compile_mode)
     out["loop_fp32"] = time_steps(loop, x, device, "32-true", loop_steps)
     if precision != "32-true":
         out["batched_fp32"] = time_steps(batched, x.contiguous(memory_format=memory_format),

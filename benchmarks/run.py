@@ -64,7 +64,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="default: bf16-mixed on CUDA, 32-true on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for CUDA, off for CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the net (both engines)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the net (both federated engines; for the routed step, "
+                        "an extra compiled variant)")
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
@@ -147,7 +149,8 @@ def run_federated(args, device) -> dict:
 
 def run_routed(args, device) -> dict:
     out = routed_bench(args.features, args.routed_size, args.routed_batch, args.experts, device,
-                       args.precision, args.channels_last, args.steps, args.loop_steps)
+                       args.precision, args.channels_last, args.steps, args.loop_steps,
+                       compile_mode=args.compile_mode if args.compile else None)
     out["config"] = {"features": args.features, "size": args.routed_size,
                      "batch": args.routed_batch, "experts": args.experts,
                      "precision": args.precision, "channels_last": args.channels_last}
@@ -261,6 +264,9 @@ def table(results: dict) -> str:
                 lp["images_per_s"])
         row("routed step, s (min)", b["step_s"]["min"], lp["step_s"]["min"], 3)
         row("routed step peak memory, MB", b["peak_mb"], lp["peak_mb"], 0)
+        if "compiled" in rt:
+            row(f"routed step, img/s, compiled ({rt['compiled']['mode']})",
+                rt["compiled"]["images_per_s"], lp["images_per_s"])
         lines.append("routed step img/s by mix x memory format: " + ", ".join(
             f"{name} {v['images_per_s']:.1f}" for name, v in rt.get("variants", {}).items()))
         lines.append(f"routed batched vs loop max |diff| (fp32 logits): "

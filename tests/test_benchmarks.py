@@ -155,3 +155,26 @@ def test_benchmark_tiny_gpu_bf16_channels_last(tmp_path):
     assert "bf16" not in data["device"] and data["channels_last"] is True
     assert data["federated"]["lightning_fp32"]["images_per_s"] > 0
     assert data["routed"]["batched_fp32"]["images_per_s"] > 0
+
+
+def test_routed_bench_times_a_compiled_variant_and_the_report_names_it(monkeypatch):
+    """``--compile`` adds the routed step through torch.compile (eager backend here: the same
+    graph capture, no code generation, so the test stays fast on a CPU)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import report
+    import routing_bench
+
+    real_compile = torch.compile
+    modes = []
+
+    def eager_compile(model, **kwargs):
+        modes.append(kwargs.get("mode", "default"))
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    out = routing_bench.routed_bench(4, 32, 2, 3, torch.device("cpu"), "32-true", False,
+                                     steps=1, loop_steps=1, compile_mode="reduce-overhead")
+    assert modes == ["reduce-overhead"] and out["compiled"]["images_per_s"] > 0
+    assert out["compiled"]["mode"] == "reduce-overhead"
+    lines = report._suggestions({"routed": out}, None)
+    assert any(line.startswith("- routing compile:") for line in lines)
