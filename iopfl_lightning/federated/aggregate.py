@@ -233,9 +233,8 @@ class ServerOptimizer:
     @torch.no_grad()
     def step(self, mean_delta: Mapping[str, Tensor]) -> StateDict:
         """One server step; returns the new global parameters (the optimizer's own tensors)."""
-        deltas = [mean_delta[k].to(p.dtype) for k, p in zip(self.keys, self.params, strict=True)]
-        for p, g in zip(self.params, torch._foreach_neg(deltas), strict=True):
-            p.grad = g
+        for k, p in zip(self.keys, self.params, strict=True):
+            p.grad = -mean_delta[k].to(p.dtype)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {k: p.detach() for k, p in zip(self.keys, self.params, strict=True)}

@@ -45,6 +45,14 @@ def live_state(net: nn.Module) -> StateDict:
     return dict(net.state_dict(keep_vars=True))
 
 
+def group_tensors(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
+    """``tensors`` (in order) split by (device, dtype): one foreach call each."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
+
+
 def group_keys(state: Mapping[str, Tensor], keys: Iterable[str]) -> list[list[str]]:
     """``keys`` (in order) split by the (device, dtype) of their tensor: one foreach call each."""
     groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
@@ -116,19 +124,15 @@ def all_finite(state: Mapping[str, Tensor]) -> bool:
     every value finite (20x faster than the max-abs on a CPU); only a non-finite sum, which an
     overflow of large finite values could also give, is decided by the max-abs.
     """
-    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     if isinstance(state, FlatState):
         floats = [b for g, b in enumerate(state.buffers) if state.layout.is_float(g) and b.numel()]
         if not floats or bool(torch.stack([b.sum().cpu() for b in floats]).isfinite().all()):
             return True
-        for b in floats:
-            groups[(b.dtype, b.device)] = [b]
     else:
-        for v in state.values():
-            if is_float(v) and v.numel():
-                groups.setdefault((v.dtype, v.device), []).append(v.detach())
+        floats = [v.detach() for v in state.values() if is_float(v) and v.numel()]
     flags = [
-        torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in groups.values()
+        torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all()
+        for ts in group_tensors(floats)
     ]
     return bool(torch.stack([f.cpu() for f in flags]).all()) if flags else True
 
@@ -149,13 +153,9 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     if type(optimizer) not in _ZEROED_WHEN_FRESH:
         optimizer.state.clear()
         return
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for entry in optimizer.state.values():
-        for value in entry.values():
-            if isinstance(value, Tensor):
-                groups.setdefault((value.device, value.dtype), []).append(value)
-            else:  # a Python number (some step counters): not zeroable in place
-                optimizer.state.clear()
-                return
-    for tensors in groups.values():
+    values = [v for entry in optimizer.state.values() for v in entry.values()]
+    if not all(isinstance(v, Tensor) for v in values):  # a Python step count: not zeroable
+        optimizer.state.clear()
+        return
+    for tensors in group_tensors(values):
         torch._foreach_zero_(tensors)

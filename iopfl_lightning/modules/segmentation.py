@@ -185,8 +185,9 @@ class SegmentationModule(pl.LightningModule):
         state = self.personalized_states.get(site)
         if state is not None:
             if not self._states_checked:  # once per published set, not per batch
+                reference = self.net.state_dict()
                 for name, other in self.personalized_states.items():
-                    check_same_keys(self.net.state_dict(), other, f"personalized state of {name!r}")
+                    check_same_keys(reference, other, f"personalized state of {name!r}")
                 self._states_checked = True
             image = self._prepare(batch["image"])  # keys checked: skip functional_call's check
             logits["personalized"] = functional_call(self.net, state, (image,), strict=False)
