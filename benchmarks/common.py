@@ -124,13 +124,23 @@ def summary(values: list[float]) -> dict[str, float]:
             "mean": statistics.fmean(values), "n": len(values)}
 
 
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+_AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
 @contextmanager
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast for ``bf16-mixed`` (like Lightning's), nothing for ``32-true``."""
-    if precision == "bf16-mixed":
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+    """Autocast like Lightning's for ``bf16-mixed`` / ``16-mixed``, nothing for ``32-true``."""
+    if precision in _AUTOCAST_DTYPES:
+        with torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision]):
             yield
     elif precision in ("32-true", "32"):
         yield
     else:
-        raise ValueError(f"precision must be 32-true or bf16-mixed, got {precision!r}")
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """The loss scaler ``16-mixed`` needs (fp16 gradients underflow without it), as Lightning
+    sets up for that precision; a disabled one (a no-op) for the other precisions."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
-from common import MemoryMeter, Stopwatch, autocast, summary, sync, time_methods
+from common import MemoryMeter, Stopwatch, autocast, grad_scaler, summary, sync, time_methods
 from lightning.pytorch.profilers import SimpleProfiler
 from torch.utils.data import DataLoader
 
@@ -175,9 +175,12 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
             num_sanity_val_steps=0,
             profiler=profiler,
         )
+        began = time.perf_counter()
         with MemoryMeter(device) as mem:
             trainer.fit(module, datamodule=dm)
     out = _round_stats(shared["rounds"])
+    out["fit_s"] = time.perf_counter() - began  # warm-up included: device-time planning
+    out["precision"] = trainer.precision  # as run: Lightning runs 16-mixed as bf16 on a CPU
     # Per-round method times, warm-up round (its first K + 1 calls) left out.
     k = cfg.clients
     start, finish = methods["_start_client"][k:], methods["_finish_client"][k:]
@@ -224,6 +227,7 @@ def plain_rounds(cfg: FedConfig, device: torch.device,
     mode = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
     forward = torch.compile(model, **mode) if cfg.compile else model
     loss_fn = SegmentationLoss("dice")
+    scaler = grad_scaler(device, cfg.precision)  # 16-mixed only; one for the run, as Lightning's
     global_state = copy.deepcopy(model.state_dict())
     personalized: dict[int, dict] = {}
     rounds, switch_ms, agg_ms = [], [], []
@@ -246,8 +250,9 @@ def plain_rounds(cfg: FedConfig, device: torch.device,
                         with autocast(device, cfg.precision):
                             loss = loss_fn(forward(x), y)
                         opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
                         images += x.shape[0]
                     with Stopwatch(device) as sw:
                         local = copy.deepcopy(model.state_dict())

@@ -5,8 +5,11 @@
 #    albumentations and their missing deps; see docs/performance.md for how to fetch them);
 # 2. runs the benchmark at the paper's setting (UNet features 32, 384x384, batch 16, 5 clients;
 #    routed step batch 16, 384x384, 6 experts) in bf16-mixed + channels_last with the data
-#    kept on the GPU (data.device_cache), plus the engine through ordinary DataLoaders, in
-#    fp32 and with per-tensor state ops (flat_state=False) for reference; the routed step both mixing kernels and mixing outputs; what a round
+#    kept on the GPU (data.device_cache), plus the engine through ordinary DataLoaders, with
+#    per-tensor state ops (flat_state=False), in 16-mixed (fp16: cuDNN BatchNorm, which bf16
+#    does not get) and without channels_last; the routed step mixing kernels and mixing
+#    outputs, and in 16-mixed (the fp32 engine, 2.3x slower, was measured in sessions 1 and 5
+#    and is left out for device time); what a round
 #    waits for its checkpoint, ours vs Lightning's stock setup; the outside adaptation end to
 #    end (a RoutingModule fit in online mode with TENT) vs per-sample routed layers; then the
 #    client-switch / aggregation state operations, old (load_state_dict, per-key loops) vs
@@ -51,7 +54,7 @@ $PY -c "import torch, lightning, segmentation_models_pytorch, albumentations, io
 print('torch', torch.__version__, 'lightning', lightning.__version__, \
       torch.cuda.get_device_name() if '$DEVICE' == 'cuda' else 'cpu (dry run)')" || exit 1
 status=0
-$PY benchmarks/run.py "${SETTING[@]}" --fp32-engine --loader-engine --per-tensor-engine \
+$PY benchmarks/run.py "${SETTING[@]}" --loader-engine --per-tensor-engine --fp16-engine --format-engine \
   --out "$OUT/paper.json" || status=1
 echo "elapsed ${SECONDS}s"
 if [ "$DEVICE" = cuda ]; then

@@ -8,18 +8,20 @@ forward for a loop over the samples of the batch (one router call, one kernel mi
 convolution per sample), as the IOP-FL reference does; everything else is identical.
 ``batched`` mixes kernels (grouped convolutions, the default); ``batched_outputs`` is the same
 net mixing expert outputs (``RoutingModule(mix="outputs")``: dense convolutions), both in the
-requested memory format; ``variants`` has all four of mix x (channels_last, NCHW).
+requested memory format; ``variants`` has all four of mix x (channels_last, NCHW);
+``batched_fp16`` (on request) the default step in ``16-mixed``, with a loss scaler.
 """
 
 from __future__ import annotations
 
 import tempfile
+import traceback
 import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import MemoryMeter, Stopwatch, autocast, summary
+from common import MemoryMeter, Stopwatch, autocast, grad_scaler, summary
 from torch import Tensor
 
 from iopfl_lightning.federated import write_routing_space
@@ -73,24 +75,26 @@ def build_module(root: Path, features: int, experts: int, seed: int = 0,
     return RoutingModule(str(path), **{"baselines": [], **module_args})
 
 
-def _step(module, opt, x, device, precision) -> None:
+def _step(module, opt, scaler, x, device, precision) -> None:
     opt.zero_grad(set_to_none=True)
     with autocast(device, precision):
         loss, _ = module.routed_objective(x)
-    loss.backward()
-    opt.step()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
 
 
 def time_steps(module, x, device, precision, steps: int, warmup: int = 1) -> dict:
     module.train()
     opt = torch.optim.Adam([p for p in module.net.parameters() if p.requires_grad], lr=1e-3)
+    scaler = grad_scaler(device, precision)
     for _ in range(warmup):
-        _step(module, opt, x, device, precision)
+        _step(module, opt, scaler, x, device, precision)
     walls, cpus = [], []
     with MemoryMeter(device) as mem:
         for _ in range(steps):
             with Stopwatch(device) as sw:
-                _step(module, opt, x, device, precision)
+                _step(module, opt, scaler, x, device, precision)
             walls.append(sw.wall)
             cpus.append(sw.cpu)
     b = x.shape[0]
@@ -132,10 +136,11 @@ def compiled_steps(module: RoutingModule, x: Tensor, device: torch.device, preci
 
 def routed_bench(features: int, size: int, batch: int, experts: int, device: torch.device,
                  precision: str, channels_last: bool, steps: int, loop_steps: int,
-                 compile_mode: str | None = None) -> dict:
+                 compile_mode: str | None = None, fp16: bool = False) -> dict:
     """Batched step at ``precision`` (+ channels_last), and the per-sample loop in fp32 (the
     reference's setting), on the same images; with ``compile_mode``, also the batched step
-    through ``torch.compile`` of the routed net (``compiled``; its first steps compile)."""
+    through ``torch.compile`` of the routed net (``compiled``; its first steps compile); with
+    ``fp16``, also the batched step in ``16-mixed`` (``batched_fp16``)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with tempfile.TemporaryDirectory() as tmp:
         batched = build_module(Path(tmp), features, experts).to(device)
@@ -161,6 +166,14 @@ def routed_bench(features: int, size: int, batch: int, experts: int, device: tor
         out["compiled"] = compiled_steps(batched, x.contiguous(memory_format=memory_format),
                                          device, precision, steps, compile_mode)
     out["loop_fp32"] = time_steps(loop, x, device, "32-true", loop_steps)
+    out["errors"] = {}
+    if fp16 and precision != "16-mixed":  # fp16 runs BatchNorm through cuDNN, bf16 natively
+        try:  # an optional comparison: its failure is recorded, the other figures kept
+            out["batched_fp16"] = time_steps(batched, x.contiguous(memory_format=memory_format),
+                                             device, "16-mixed", steps)
+        except Exception as err:  # noqa: BLE001
+            traceback.print_exc()
+            out["errors"]["batched_fp16"] = f"{type(err).__name__}: {err}"
     if precision != "32-true":
         out["batched_fp32"] = time_steps(batched, x.contiguous(memory_format=memory_format),
                                          device, "32-true", steps)

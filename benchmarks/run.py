@@ -29,11 +29,13 @@ import math
 import platform
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
 import torch
 from checkpoint_bench import checkpoint_bench
+from common import PRECISIONS
 from federated_bench import FedConfig, lightning_rounds, make_datamodule, plain_rounds
 from loader_bench import loader_bench
 from outside_bench import outside_bench
@@ -60,7 +62,7 @@ def parse(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (both engines)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--precision", default=None, choices=["32-true", "bf16-mixed"],
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="default: bf16-mixed on CUDA, 32-true on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for CUDA, off for CPU")
@@ -74,6 +76,12 @@ def parse(argv=None) -> argparse.Namespace:
                    help="torch CPU threads (default 1 on CPU: steadier on a shared machine)")
     p.add_argument("--fp32-engine", action="store_true",
                    help="also run the Lightning engine in fp32 without channels_last (same data)")
+    p.add_argument("--fp16-engine", action="store_true",
+                   help="also run the engine and the routed step in 16-mixed (fp16 with a loss "
+                        "scaler; PyTorch runs BatchNorm through cuDNN for fp16 inputs but "
+                        "natively for bf16). On a CPU Lightning runs 16-mixed as bf16-mixed")
+    p.add_argument("--format-engine", action="store_true",
+                   help="also run the engine in the other memory format (channels_last flipped)")
     p.add_argument("--device-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="the engine's data finished once and kept on the device "
                         "(data.device_cache); default: on for CUDA, off for CPU")
@@ -116,6 +124,21 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def batchnorm_backends(device: torch.device, channels_last: bool) -> dict[str, str]:
+    """Which kernel PyTorch picks for a training BatchNorm on this device, by input dtype
+    (fp32 affine weights, as under autocast): explains why bf16 and fp16 rounds differ."""
+    select = getattr(torch._C, "_select_batch_norm_backend", None)
+    if select is None:  # not in every torch version
+        return {}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    stats = [torch.ones(32, device=device) for _ in range(4)]
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        x = torch.ones(16, 32, 8, 8, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        out[name] = select(x, *stats, True, 1e-5).name
+    return out
+
+
 def run_federated(args, device) -> dict:
     cfg = fed_config(args)
     start = time.perf_counter()
@@ -123,20 +146,31 @@ def run_federated(args, device) -> dict:
     data_s = time.perf_counter() - start
     engine = lightning_rounds(cfg, device, dm)
     plain = plain_rounds(cfg, device, dm)  # its own DataLoaders over the same datasets
-    extra = {}
-    if args.fp32_engine:
-        fp32 = dataclasses.replace(cfg, precision="32-true", channels_last=False, compile=False)
-        extra["lightning_fp32"] = lightning_rounds(fp32, device, dm)
-    if args.per_tensor_engine:
-        per_tensor = dataclasses.replace(cfg, flat_state=False)
-        extra["lightning_per_tensor"] = lightning_rounds(per_tensor, device, dm)
-    if args.loader_engine and cfg.device_cache:
-        loaders = dataclasses.replace(cfg, device_cache=False)
-        dm.device_cache = False
-        extra["lightning_loaders"] = lightning_rounds(loaders, device, dm)
-        dm.device_cache = True
+    variants = {  # key: (asked for, the engine's settings)
+        "lightning_fp32": (args.fp32_engine, dict(precision="32-true", channels_last=False,
+                                                  compile=False)),
+        "lightning_fp16": (args.fp16_engine and cfg.precision != "16-mixed",
+                           dict(precision="16-mixed")),
+        "lightning_other_format": (args.format_engine,
+                                   dict(channels_last=not cfg.channels_last)),
+        "lightning_per_tensor": (args.per_tensor_engine, dict(flat_state=False)),
+        "lightning_loaders": (args.loader_engine and cfg.device_cache, dict(device_cache=False)),
+    }
+    extra, errors = {}, {}
+    for key, (wanted, settings) in variants.items():
+        if not wanted:
+            continue
+        dm.device_cache = settings.get("device_cache", cfg.device_cache)
+        try:  # a comparison that fails is recorded; the run's other figures are kept
+            extra[key] = lightning_rounds(dataclasses.replace(cfg, **settings), device, dm)
+        except Exception as err:  # noqa: BLE001 - any failure of an optional comparison
+            traceback.print_exc()
+            errors[key] = f"{type(err).__name__}: {err}"
+        finally:
+            dm.device_cache = cfg.device_cache
     return {
         **extra,
+        "errors": errors,
         "config": dataclasses.asdict(cfg),
         "data_generation_s": data_s,
         "lightning": engine,
@@ -150,7 +184,8 @@ def run_federated(args, device) -> dict:
 def run_routed(args, device) -> dict:
     out = routed_bench(args.features, args.routed_size, args.routed_batch, args.experts, device,
                        args.precision, args.channels_last, args.steps, args.loop_steps,
-                       compile_mode=args.compile_mode if args.compile else None)
+                       compile_mode=args.compile_mode if args.compile else None,
+                       fp16=args.fp16_engine)
     out["config"] = {"features": args.features, "size": args.routed_size,
                      "batch": args.routed_batch, "experts": args.experts,
                      "precision": args.precision, "channels_last": args.channels_last}
@@ -221,7 +256,7 @@ def table(results: dict) -> str:
 
     fed = results.get("federated")
     if fed:
-        e, p = fed["lightning"], fed["plain"]
+        e, p, cl = fed["lightning"], fed["plain"], results["channels_last"]
         row("round throughput, img/s (best round)", e["images_per_s"], p["images_per_s"])
         row("round throughput, img/s (median round)", e["images_per_s_median"],
             p["images_per_s_median"])
@@ -238,6 +273,13 @@ def table(results: dict) -> str:
         if "lightning_fp32" in fed:
             row("round img/s: ours vs ours fp32 (no ch.-last)", e["images_per_s"],
                 fed["lightning_fp32"]["images_per_s"])
+        if "lightning_fp16" in fed:
+            fp16 = fed["lightning_fp16"]  # Lightning runs 16-mixed as bf16 on a CPU
+            row(f"round img/s: ours vs ours in {fp16.get('precision', '16-mixed')}",
+                e["images_per_s"], fp16["images_per_s"])
+        if "lightning_other_format" in fed:
+            row(f"round img/s: ours vs ours {'without' if cl else 'with'} ch.-last",
+                e["images_per_s"], fed["lightning_other_format"]["images_per_s"])
         if "lightning_loaders" in fed:
             row("round img/s: device cache vs DataLoaders", e["images_per_s"],
                 fed["lightning_loaders"]["images_per_s"])
@@ -248,6 +290,8 @@ def table(results: dict) -> str:
                 pt["client_switch_ms"]["median"], 2)
             row("aggregation, ms: flat vs per-tensor", e["aggregation_ms"]["median"],
                 pt["aggregation_ms"]["median"], 2)
+        for key, err in fed.get("errors", {}).items():
+            lines.append(f"{key} FAILED: {err}")
         lines.append(f"engine time over plain loop: {_fmt(fed['engine_over_plain_time_pct'])}% "
                      f"(best rounds), {_fmt(fed['engine_over_plain_time_pct_median'])}% (median)")
     rt = results.get("routed")
@@ -259,6 +303,9 @@ def table(results: dict) -> str:
             rt["batched_outputs"]["images_per_s"], lp["images_per_s"])
         row("routed step peak memory, MB, mixing outputs", rt["batched_outputs"]["peak_mb"],
             lp["peak_mb"], 0)
+        if "batched_fp16" in rt:
+            row("routed step 16-mixed batched vs loop, img/s", rt["batched_fp16"]["images_per_s"],
+                lp["images_per_s"])
         if "batched_fp32" in rt:
             row("routed step fp32 batched vs loop, img/s", rt["batched_fp32"]["images_per_s"],
                 lp["images_per_s"])
@@ -269,6 +316,8 @@ def table(results: dict) -> str:
                 rt["compiled"]["images_per_s"], lp["images_per_s"])
         lines.append("routed step img/s by mix x memory format: " + ", ".join(
             f"{name} {v['images_per_s']:.1f}" for name, v in rt.get("variants", {}).items()))
+        for key, err in rt.get("errors", {}).items():
+            lines.append(f"routed {key} FAILED: {err}")
         lines.append(f"routed batched vs loop max |diff| (fp32 logits): "
                      f"{rt['loop_vs_batched_max_abs_diff']:.2e}; mixing kernels vs outputs: "
                      f"{rt['kernels_vs_outputs_max_abs_diff']:.2e}")
@@ -322,20 +371,24 @@ def main(argv=None) -> dict:
         "compile_mode": args.compile_mode,
         "device_cache": args.device_cache,
         "preset": args.preset,
+        "batchnorm_backend": batchnorm_backends(device, args.channels_last),
     }
     start = time.perf_counter()
-    if args.only in (None, "federated"):
-        results["federated"] = run_federated(args, device)
-    if args.only in (None, "routed"):
-        results["routed"] = run_routed(args, device)
-    if args.only in (None, "loader"):
-        results["loader"] = run_loader(args)
-    if args.only in (None, "checkpoint"):
-        results["checkpoint"] = run_checkpoint(args, device)
-    if args.only in (None, "outside"):
-        results["outside"] = run_outside(args, device)
-    if args.sweep:
-        results["sweep"] = run_sweep(args, device)
+    sections = {
+        "federated": lambda: run_federated(args, device),
+        "routed": lambda: run_routed(args, device),
+        "loader": lambda: run_loader(args),
+        "checkpoint": lambda: run_checkpoint(args, device),
+        "outside": lambda: run_outside(args, device),
+        "sweep": lambda: run_sweep(args, device),
+    }
+    results["section_s"] = {}  # what each part took: how a GPU session plans its device time
+    for name, run in sections.items():
+        wanted = args.sweep if name == "sweep" else args.only in (None, name)
+        if wanted:
+            began = time.perf_counter()
+            results[name] = run()
+            results["section_s"][name] = round(time.perf_counter() - began, 1)
     results["total_s"] = time.perf_counter() - start
     print(table(results), flush=True)
     engine = results.get("federated", {}).get("lightning", {})
