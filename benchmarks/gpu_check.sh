@@ -14,8 +14,9 @@
 #    end (a RoutingModule fit in online mode with TENT) vs per-sample routed layers; then the
 #    client-switch / aggregation state operations, old (load_state_dict, per-key loops) vs
 #    grouped foreach ops (benchmarks/state_ops_bench.py);
-# 3. the federated rounds again with torch.compile in reduce-overhead mode (CUDA graphs;
-#    session 5 on an H200: 1.33x);
+# 3. the federated rounds and the routed step again with torch.compile in reduce-overhead mode
+#    (CUDA graphs; session 5 on an H200: 1.33x for the round; the routed step never compiled
+#    on a GPU before);
 # 4. runs the GPU-only tests (the ones CI skips: benchmark on CUDA, state ops, routed mixing,
 #    device cache, metrics, fused Adam, background checkpoint writes; the CPU suite is CI's job);
 # 5. if time is left (< 420 s so far), the federated rounds once more under Lightning's
@@ -58,7 +59,7 @@ $PY benchmarks/run.py "${SETTING[@]}" --loader-engine --per-tensor-engine --fp16
   --out "$OUT/paper.json" || status=1
 echo "elapsed ${SECONDS}s"
 if [ "$DEVICE" = cuda ]; then
-  $PY benchmarks/run.py "${SETTING[@]}" --only federated --compile \
+  $PY benchmarks/run.py "${SETTING[@]}" --only federated routed --compile \
     --compile-mode reduce-overhead --rounds 4 --out "$OUT/paper_compile.json" || status=1
 else
   echo "skipped the torch.compile run (device $DEVICE)"

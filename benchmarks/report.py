@@ -191,7 +191,18 @@ def _suggestions(results: dict, compiled: dict | None) -> list[str]:
     return ["", "Fastest measured option (this run):", *lines] if lines else []
 
 
+def _with_compiled_routing(results: dict, compiled: dict | None) -> dict:
+    """``results`` with the compiled run's routed step (``--only federated routed --compile``)
+    where the main run has none of its own."""
+    routed = results.get("routed")
+    theirs = ((compiled or {}).get("routed") or {}).get("compiled")
+    if not routed or theirs is None or "compiled" in routed:
+        return results
+    return {**results, "routed": {**routed, "compiled": theirs}}
+
+
 def report(results: dict, state_ops: dict | None = None, compiled: dict | None = None) -> str:
+    results = _with_compiled_routing(results, compiled)
     lines = [f"- Date: {results['date']}. Device: {results['device']}, torch {results['torch']}.",
              f"- Command: `{results['command']}`; precision {results['precision']}, channels_last "
              f"{results['channels_last']}, device_cache {results.get('device_cache')}.", "",

@@ -89,8 +89,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="also run the engine with per-tensor state ops (flat_state=False)")
     p.add_argument("--loader-engine", action="store_true",
                    help="with --device-cache, also run the engine through ordinary DataLoaders")
-    p.add_argument("--only", choices=["federated", "routed", "loader", "checkpoint", "outside"],
-                   default=None)
+    p.add_argument("--only", nargs="+", default=None,
+                   choices=["federated", "routed", "loader", "checkpoint", "outside"],
+                   help="run only these parts (one or more)")
     p.add_argument("--sweep", action="store_true", help="scaling sweep (clients, size, experts)")
     p.add_argument("--profile", action="store_true",
                    help="Lightning SimpleProfiler on the engine's rounds: host time per hook")
@@ -384,7 +385,7 @@ def main(argv=None) -> dict:
     }
     results["section_s"] = {}  # what each part took: how a GPU session plans its device time
     for name, run in sections.items():
-        wanted = args.sweep if name == "sweep" else args.only in (None, name)
+        wanted = args.sweep if name == "sweep" else args.only is None or name in args.only
         if wanted:
             began = time.perf_counter()
             results[name] = run()

@@ -216,3 +216,20 @@ def test_a_failing_comparison_is_recorded_and_the_other_figures_kept(monkeypatch
     text = report.report(json.loads(out.read_text()))
     assert "| lightning_fp16: **failed** | RuntimeError: no fp16 here |  |" in text
     assert "- trainer.precision:" not in text and "- model.channels_last:" in text
+
+
+def test_report_takes_the_compiled_routed_step_from_the_compiled_run():
+    """The GPU check times the compiled routed step in its compile run (``--only federated
+    routed --compile``); the report lists it beside the eager variants of the main run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    results = json.loads((ROOT / "benchmarks/results/h200_session5_paper.json").read_text())
+    compiled = json.loads((ROOT / "benchmarks/results/h200_session5_paper_compile.json").read_text())
+    compiled["routed"] = {"compiled": {"mode": "reduce-overhead", "images_per_s": 160.0}}
+    text = report.report(results, compiled=compiled)
+    assert "| routed step, img/s, compiled (reduce-overhead) | 160.0 |  |" in text
+    assert "| routed step, img/s | >= 152 | 160.00 (compile reduce-overhead) | yes |" in text
+    assert "- routing compile: **reduce-overhead** fastest (off 114.6, reduce-overhead 160.0" in text
