@@ -144,3 +144,19 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """The loss scaler ``16-mixed`` needs (fp16 gradients underflow without it), as Lightning
     sets up for that precision; a disabled one (a no-op) for the other precisions."""
     return torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+
+
+def profiler_activities(device: torch.device) -> list:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def profile_tables(prof, device: torch.device, host_rows: int = 30, device_rows: int = 15) -> str:
+    """A finished torch.profiler's ops by host time, then (on a GPU) by device time."""
+    averages = prof.key_averages()
+    text = averages.table(sort_by="self_cpu_time_total", row_limit=host_rows)
+    if device.type == "cuda":
+        text += "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=device_rows)
+    return text

@@ -19,7 +19,17 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
-from common import MemoryMeter, Stopwatch, autocast, grad_scaler, summary, sync, time_methods
+from common import (
+    MemoryMeter,
+    Stopwatch,
+    autocast,
+    grad_scaler,
+    profile_tables,
+    profiler_activities,
+    summary,
+    sync,
+    time_methods,
+)
 from lightning.pytorch.profilers import SimpleProfiler
 from torch.utils.data import DataLoader
 
@@ -118,20 +128,14 @@ class _TorchProfileLastRound(pl.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.rounds - 1:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if self.device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self._prof = torch.profiler.profile(activities=activities)
+            self._prof = torch.profiler.profile(activities=profiler_activities(self.device))
             self._prof.__enter__()
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self._prof is not None:
             sync(self.device)
             self._prof.__exit__(None, None, None)
-            averages = self._prof.key_averages()
-            self.table = averages.table(sort_by="self_cpu_time_total", row_limit=30)
-            if self.device.type == "cuda":
-                self.table += "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=15)
+            self.table = profile_tables(self._prof, self.device)
             self._prof = None
 
 

@@ -8,7 +8,7 @@
 #    kept on the GPU (data.device_cache), plus the engine through ordinary DataLoaders, with
 #    per-tensor state ops (flat_state=False), in 16-mixed (fp16: cuDNN BatchNorm, which bf16
 #    does not get) and without channels_last; the routed step mixing kernels and mixing
-#    outputs, and in 16-mixed (the fp32 engine, 2.3x slower, was measured in sessions 1 and 5
+#    outputs, in 16-mixed, and one step under torch.profiler (where its GPU time goes) (the fp32 engine, 2.3x slower, was measured in sessions 1 and 5
 #    and is left out for device time); what a round
 #    waits for its checkpoint, ours vs Lightning's stock setup; the outside adaptation end to
 #    end (a RoutingModule fit in online mode with TENT) vs per-sample routed layers; then the
@@ -56,7 +56,7 @@ print('torch', torch.__version__, 'lightning', lightning.__version__, \
       torch.cuda.get_device_name() if '$DEVICE' == 'cuda' else 'cpu (dry run)')" || exit 1
 status=0
 $PY benchmarks/run.py "${SETTING[@]}" --loader-engine --per-tensor-engine --fp16-engine --format-engine \
-  --out "$OUT/paper.json" || status=1
+  --routed-profile --out "$OUT/paper.json" || status=1
 echo "elapsed ${SECONDS}s"
 if [ "$DEVICE" = cuda ]; then
   $PY benchmarks/run.py "${SETTING[@]}" --only federated routed --compile \

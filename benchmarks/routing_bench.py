@@ -21,10 +21,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import MemoryMeter, Stopwatch, autocast, grad_scaler, summary
+from common import (
+    MemoryMeter,
+    Stopwatch,
+    autocast,
+    grad_scaler,
+    profile_tables,
+    profiler_activities,
+    summary,
+    sync,
+)
 from torch import Tensor
 
 from iopfl_lightning.federated import write_routing_space
+from iopfl_lightning.modules.optim import adam
 from iopfl_lightning.modules.routing import RoutingModule
 from iopfl_lightning.nets import build_net, net_spec
 from iopfl_lightning.nets.routed import routed_layers, set_mix
@@ -75,6 +85,11 @@ def build_module(root: Path, features: int, experts: int, seed: int = 0,
     return RoutingModule(str(path), **{"baselines": [], **module_args})
 
 
+def _optimizer(module: RoutingModule) -> torch.optim.Optimizer:
+    """The routed net's own optimizer, as ``RoutingModule`` builds it (fused Adam on CUDA)."""
+    return adam([p for p in module.net.parameters() if p.requires_grad], lr=1e-3)
+
+
 def _step(module, opt, scaler, x, device, precision) -> None:
     opt.zero_grad(set_to_none=True)
     with autocast(device, precision):
@@ -86,8 +101,7 @@ def _step(module, opt, scaler, x, device, precision) -> None:
 
 def time_steps(module, x, device, precision, steps: int, warmup: int = 1) -> dict:
     module.train()
-    opt = torch.optim.Adam([p for p in module.net.parameters() if p.requires_grad], lr=1e-3)
-    scaler = grad_scaler(device, precision)
+    opt, scaler = _optimizer(module), grad_scaler(device, precision)
     for _ in range(warmup):
         _step(module, opt, scaler, x, device, precision)
     walls, cpus = [], []
@@ -101,6 +115,18 @@ def time_steps(module, x, device, precision, steps: int, warmup: int = 1) -> dic
     return {"step_s": summary(walls), "step_cpu_s": summary(cpus),
             "images_per_s": b / min(walls), "images_per_s_median": b / summary(walls)["median"],
             "peak_mb": mem.peak_mb, "peak_delta_mb": mem.delta_mb}
+
+
+def profiled_step(module: RoutingModule, x: Tensor, device: torch.device, precision: str) -> str:
+    """torch.profiler over one warm step: where a routed step's time goes, op by op."""
+    module.train()
+    opt, scaler = _optimizer(module), grad_scaler(device, precision)
+    _step(module, opt, scaler, x, device, precision)
+    sync(device)
+    with torch.profiler.profile(activities=profiler_activities(device)) as prof:
+        _step(module, opt, scaler, x, device, precision)
+        sync(device)
+    return profile_tables(prof, device, host_rows=20, device_rows=20)
 
 
 @torch.no_grad()
@@ -136,11 +162,13 @@ def compiled_steps(module: RoutingModule, x: Tensor, device: torch.device, preci
 
 def routed_bench(features: int, size: int, batch: int, experts: int, device: torch.device,
                  precision: str, channels_last: bool, steps: int, loop_steps: int,
-                 compile_mode: str | None = None, fp16: bool = False) -> dict:
+                 compile_mode: str | None = None, fp16: bool = False,
+                 profile: bool = False) -> dict:
     """Batched step at ``precision`` (+ channels_last), and the per-sample loop in fp32 (the
     reference's setting), on the same images; with ``compile_mode``, also the batched step
     through ``torch.compile`` of the routed net (``compiled``; its first steps compile); with
-    ``fp16``, also the batched step in ``16-mixed`` (``batched_fp16``)."""
+    ``fp16``, also the batched step in ``16-mixed`` (``batched_fp16``); with ``profile``, the
+    op table of one default step (``torch_profile``)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with tempfile.TemporaryDirectory() as tmp:
         batched = build_module(Path(tmp), features, experts).to(device)
@@ -165,6 +193,9 @@ def routed_bench(features: int, size: int, batch: int, experts: int, device: tor
     if compile_mode is not None:
         out["compiled"] = compiled_steps(batched, x.contiguous(memory_format=memory_format),
                                          device, precision, steps, compile_mode)
+    if profile:
+        out["torch_profile"] = profiled_step(
+            batched, x.contiguous(memory_format=memory_format), device, precision)
     out["loop_fp32"] = time_steps(loop, x, device, "32-true", loop_steps)
     out["errors"] = {}
     if fp16 and precision != "16-mixed":  # fp16 runs BatchNorm through cuDNN, bf16 natively

@@ -97,6 +97,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="Lightning SimpleProfiler on the engine's rounds: host time per hook")
     p.add_argument("--torch-profile", action="store_true",
                    help="torch.profiler over the engine's last round: ops by host and device time")
+    p.add_argument("--routed-profile", action="store_true",
+                   help="torch.profiler over one routed step (after its timings): ops by host "
+                        "and device time")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -186,7 +189,7 @@ def run_routed(args, device) -> dict:
     out = routed_bench(args.features, args.routed_size, args.routed_batch, args.experts, device,
                        args.precision, args.channels_last, args.steps, args.loop_steps,
                        compile_mode=args.compile_mode if args.compile else None,
-                       fp16=args.fp16_engine)
+                       fp16=args.fp16_engine, profile=args.routed_profile)
     out["config"] = {"features": args.features, "size": args.routed_size,
                      "batch": args.routed_batch, "experts": args.experts,
                      "precision": args.precision, "channels_last": args.channels_last}
@@ -396,6 +399,8 @@ def main(argv=None) -> dict:
     for key in ("profile", "torch_profile"):
         if engine.get(key):
             print(engine[key], flush=True)
+    if results.get("routed", {}).get("torch_profile"):
+        print("routed step, one step profiled:\n" + results["routed"]["torch_profile"], flush=True)
     print(f"total {results['total_s']:.1f} s", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

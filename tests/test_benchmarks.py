@@ -105,6 +105,7 @@ def test_device_check_dry_run_benchmark_json_is_complete(dry_run):
                    "lightning_per_tensor"):
         assert data["federated"][engine]["images_per_s"] > 0, engine
     assert data["routed"]["batched_fp16"]["images_per_s"] > 0
+    assert "aten::convolution_backward" in data["routed"]["torch_profile"]
     assert set(data["section_s"]) == {"federated", "routed", "loader", "checkpoint", "outside"}
     assert data["batchnorm_backend"] == {"fp32": "Native", "bf16": "Native", "fp16": "Native"}
     assert "round throughput" in (dry_run / "log.txt").read_text()
