@@ -159,10 +159,14 @@ class FlatAccumulator:
         keys = [k for k in self.layout.keys if k in self.layout.param_keys]
         return self.layout.views(self._group_list(self._floats, means), keys)
 
+    def _buffer_means(self) -> list[Tensor]:
+        """Per float buffer: the weighted mean of its buffer segment (running statistics)."""
+        self._require_clients()
+        return torch._foreach_div(self._buffer_sum, self.total_weight)
+
     @torch.no_grad()
     def mean_buffers(self) -> StateDict:
-        self._require_clients()
-        means = torch._foreach_div(self._buffer_sum, self.total_weight)
+        means = self._buffer_means()
         floats = [k for k in self.layout.keys if k not in self.layout.param_keys
                   and self.layout.is_float(self.layout.slots[k].group)]
         out = self.layout.views(self._group_list(self._floats, means), floats, starts=self._cut)
@@ -176,8 +180,7 @@ class FlatAccumulator:
         self._require_clients()
         if target.layout is not self.layout:
             raise ValueError("target is not laid out like the global state")
-        means = torch._foreach_div(self._buffer_sum, self.total_weight)
-        for g, mean in zip(self._floats, means, strict=True):
+        for g, mean in zip(self._floats, self._buffer_means(), strict=True):
             target.buffers[g][self._cut[g]:].copy_(mean)
         for g, values in zip(self._ints, self._int_max, strict=True):
             target.buffers[g].copy_(values)
