@@ -5,13 +5,14 @@
 #    albumentations and their missing deps; see docs/performance.md for how to fetch them);
 # 2. runs the benchmark at the paper's setting (UNet features 32, 384x384, batch 16, 5 clients;
 #    routed step batch 16, 384x384, 6 experts) in bf16-mixed + channels_last with the data
-#    kept on the GPU (data.device_cache), plus the engine through ordinary DataLoaders, with
-#    per-tensor state ops (flat_state=False), in 16-mixed (fp16: cuDNN BatchNorm, which bf16
-#    does not get) and without channels_last; the routed step mixing kernels and mixing
-#    outputs, in 16-mixed, and one step under torch.profiler (where its GPU time goes) (the fp32 engine, 2.3x slower, was measured in sessions 1 and 5
-#    and is left out for device time); what a round
-#    waits for its checkpoint, ours vs Lightning's stock setup; the outside adaptation end to
-#    end (a RoutingModule fit in online mode with TENT) vs per-sample routed layers; then the
+#    kept on the GPU (data.device_cache), plus the engine with per-tensor state ops
+#    (flat_state=False), in 16-mixed (fp16: cuDNN BatchNorm, which bf16 does not get) and
+#    without channels_last; the routed step mixing kernels and mixing outputs, in 16-mixed, and
+#    one step under torch.profiler (where its GPU time goes); what a round waits for its
+#    checkpoint, ours vs Lightning's stock setup; the outside adaptation end to end (a
+#    RoutingModule fit in online mode with TENT) vs per-sample routed layers. Left out for
+#    device time, both measured in sessions 1 and 5 on unchanged code: the engine in fp32
+#    (2.3x slower) and through DataLoaders (device cache 2.05x faster). Then the
 #    client-switch / aggregation state operations, old (load_state_dict, per-key loops) vs
 #    grouped foreach ops (benchmarks/state_ops_bench.py);
 # 3. the federated rounds and the routed step again with torch.compile in reduce-overhead mode
