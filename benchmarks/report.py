@@ -207,6 +207,9 @@ def report(results: dict, state_ops: dict | None = None, compiled: dict | None =
              f"- Command: `{results['command']}`; precision {results['precision']}, channels_last "
              f"{results['channels_last']}, device_cache {results.get('device_cache')}.", "",
              "| measure | ours | baseline |", "| --- | ---: | ---: |"]
+    if results.get("complete") is False:  # stopped (say by a time limit) after some parts
+        done = ", ".join(results.get("section_s", {})) or "none"
+        lines[-2:-2] = [f"- **The run stopped before it finished**; parts done: {done}.", ""]
     lines += [f"| {m} | {o} | {b} |" for m, o, b in _rows(results)]
     fed, routed = results.get("federated") or {}, results.get("routed") or {}
     switch_pct = fed.get("lightning", {}).get("switch_agg_pct_of_round")

@@ -393,6 +393,7 @@ def main(argv=None) -> dict:
             began = time.perf_counter()
             results[name] = run()
             results["section_s"][name] = round(time.perf_counter() - began, 1)
+            _write(args.out, results)  # a run stopped later keeps the parts it finished
     results["total_s"] = time.perf_counter() - start
     print(table(results), flush=True)
     engine = results.get("federated", {}).get("lightning", {})
@@ -402,10 +403,20 @@ def main(argv=None) -> dict:
     if results.get("routed", {}).get("torch_profile"):
         print("routed step, one step profiled:\n" + results["routed"]["torch_profile"], flush=True)
     print(f"total {results['total_s']:.1f} s", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    results["complete"] = True
+    _write(args.out, results)
     return results
+
+
+def _write(path: Path | None, results: dict) -> None:
+    """The results so far as JSON (``complete`` is true once every part ran); written to a
+    temporary file and renamed, so a stop mid-write never leaves half a file."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"complete": False, **results}, indent=2))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -235,3 +235,26 @@ def test_report_takes_the_compiled_routed_step_from_the_compiled_run():
     assert "| routed step, img/s, compiled (reduce-overhead) | 160.0 |  |" in text
     assert "| routed step, img/s | >= 152 | 160.00 (compile reduce-overhead) | yes |" in text
     assert "- routing compile: **reduce-overhead** fastest (off 114.6, reduce-overhead 160.0" in text
+
+
+def test_a_stopped_run_keeps_the_parts_it_finished(monkeypatch, tmp_path):
+    """The device tool stops a call at its time limit: the JSON is written after every part,
+    and the report says the run is incomplete."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import report
+    import run
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # what a stop in the middle of the routed part looks like
+
+    monkeypatch.setattr(run, "run_routed", stopped)
+    out = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--preset", "tiny", "--only", "federated", "routed", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and "routed" not in data
+    assert data["federated"]["lightning"]["images_per_s"] > 0
+    assert not (tmp_path / "r.json.tmp").exists()
+    text = report.report(data)
+    assert "**The run stopped before it finished**; parts done: federated." in text
+    assert "| round throughput, img/s (best round) |" in text
