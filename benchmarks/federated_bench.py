@@ -59,6 +59,7 @@ class FedConfig:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode (both engines), with compile
+    compile_eval: bool = True  # engine only, with compile: evaluation compiled too
     pin_memory: bool = False
     device_cache: bool = False  # engine only: data finished once and kept on the device
     seed: int = 0
@@ -160,8 +161,8 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
     dm = dm or make_datamodule(cfg)
     module = SegmentationModule(net="unet", features=cfg.features, lr=LR, val_hd95=False,
                                 channels_last=cfg.channels_last,
-                                **({"compile": True, "compile_mode": cfg.compile_mode}
-                                   if cfg.compile else {}))
+                                **({"compile": True, "compile_mode": cfg.compile_mode,
+                                    "compile_eval": cfg.compile_eval} if cfg.compile else {}))
     fed = FederatedTrainer(alpha=ALPHA, flat_state=cfg.flat_state)
     methods = time_methods(fed, ["_start_client", "_finish_client", "_finish_round"], device,
                            when={"_finish_round": lambda: fed._accumulator is not None})

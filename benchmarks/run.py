@@ -72,6 +72,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
+    p.add_argument("--compile-eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --compile, the engine's evaluation compiled too (SegmentationModule"
+                        "(compile_eval=...); the plain loop evaluates eagerly either way)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on CPU: steadier on a shared machine)")
     p.add_argument("--fp32-engine", action="store_true",

@@ -87,5 +87,5 @@ def test_gpu_compile_overlay_compiles_the_training_forward(tmp_path, monkeypatch
     rows = fit_rows("prostate_inside_tiny.yaml", tmp_path, "--config", GPU_OVERLAY,
                     "--config", str(REPO / "experiments" / "gpu_compile.yaml"),
                     "--trainer.accelerator", "cpu", "--data.root", str(tmp_path / "data"))
-    assert calls == [{"mode": "reduce-overhead"}]
+    assert calls == [{"mode": "reduce-overhead"}, {}]  # training, then evaluation
     assert {r["site"] for r in rows} == set(sites)

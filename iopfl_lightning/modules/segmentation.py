@@ -37,12 +37,17 @@ class SegmentationModule(pl.LightningModule):
     lr, amsgrad, weight_decay: Adam settings (reference: 1e-3, amsgrad).
     channels_last: train and evaluate in channels_last memory format (faster on GPUs).
     val_hd95: compute HD95 during per-round validation too (test always does).
-    compile: run the training forward through ``torch.compile`` (evaluation, which swaps in
-        the personalized copies with ``functional_call``, stays eager). State dict keys and
-        parameters are the net's own, so checkpoints and the FederatedTrainer are unaffected.
+    compile: run the training forward through ``torch.compile``, and (``compile_eval``) the
+        evaluation forward too. State dict keys and parameters are the net's own, so
+        checkpoints and the FederatedTrainer are unaffected.
     compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs: no
         per-kernel launch cost; they need the weights at fixed addresses, which client switches
         keep by copying in place; 1.33x a round on an H200, docs/performance.md) or ``max-autotune``.
+    compile_eval: with ``compile``, evaluate the global model and every personalized copy
+        through one compiled function of (weights, image) in the default mode: the weights are
+        its inputs, so swapping copies does not recompile (CUDA graphs are left out here: they
+        would have to copy the weights in at every call). Fuses evaluation's BatchNorm and
+        ReLU, which run as separate kernels eagerly.
     overlay_cases: test cases per site drawn in the run folder's ``overlays.png`` (their
         slice with the largest ground-truth area, every evaluated model); 0 draws none.
     """
@@ -63,6 +68,7 @@ class SegmentationModule(pl.LightningModule):
         val_hd95: bool = True,
         compile: bool = False,
         compile_mode: CompileMode = "default",
+        compile_eval: bool = True,
         overlay_cases: int = 2,
     ):
         super().__init__()
@@ -79,6 +85,7 @@ class SegmentationModule(pl.LightningModule):
         self.personalized_states = {}
         self._evaluator: SiteEvaluator | None = None
         self._overlays: OverlayCases | None = None
+        self._live_weights: dict[str, torch.Tensor] | None = None
         self._round_loss: torch.Tensor | None = None
         self._round_batches = 0
         if in_channels is not None and num_classes is not None:
@@ -113,7 +120,10 @@ class SegmentationModule(pl.LightningModule):
         # Kept out of the module tree (no extra state dict keys): same parameters as self.net.
         mode = hp.get("compile_mode", "default")
         kwargs = {} if mode == "default" else {"mode": mode}
-        self.__dict__["_compiled_net"] = torch.compile(self.net, **kwargs) if hp.get("compile") else None
+        compiled = hp.get("compile")
+        self.__dict__["_compiled_net"] = torch.compile(self.net, **kwargs) if compiled else None
+        self.__dict__["_compiled_eval"] = (torch.compile(self._weights_forward)
+                                           if compiled and hp.get("compile_eval", True) else None)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
@@ -149,6 +159,22 @@ class SegmentationModule(pl.LightningModule):
             return self.net(image)
         return functional_call(self.net, state, (image,), strict=True)
 
+    def _weights_forward(self, weights: dict[str, torch.Tensor], image: torch.Tensor):
+        """The net on ``image`` with ``weights`` (a full state, keys already checked)."""
+        return functional_call(self.net, weights, (image,), strict=False)
+
+    def _evaluation_forward(self, image: torch.Tensor, weights: dict | None = None):
+        """Logits of the module's own weights (``weights`` None) or of a personalized copy,
+        compiled with ``compile_eval``."""
+        compiled = self.__dict__.get("_compiled_eval")
+        if compiled is None:
+            return self.net(image) if weights is None else self._weights_forward(weights, image)
+        if weights is None:  # the live tensors, read once per evaluation epoch: state_dict's
+            if self._live_weights is None:  # detached views, like a copy's: one graph for both
+                self._live_weights = dict(self.net.state_dict())
+            weights = self._live_weights
+        return compiled(dict(weights), image)  # a plain dict: one guard set for every copy
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         compiled = self.__dict__.get("_compiled_net")
         logits = self(batch["image"]) if compiled is None else compiled(self._prepare(batch["image"]))
@@ -176,12 +202,14 @@ class SegmentationModule(pl.LightningModule):
         return names[dataloader_idx] if names else f"site{dataloader_idx}"
 
     def _evaluate(self, stage: str, batch: dict, dataloader_idx: int) -> None:
-        if self._evaluator is None:
+        if self._evaluator is None:  # the first batch of an evaluation epoch
             self._evaluator = SiteEvaluator(
                 self.hparams.num_classes, hd95=stage == "test" or self.hparams.val_hd95
             )
+            self._live_weights = None  # a move since the last epoch replaces the net's tensors
         site = self._site(stage, dataloader_idx)
-        logits = {"global": self(batch["image"])}
+        image = self._prepare(batch["image"])
+        logits = {"global": self._evaluation_forward(image)}
         state = self.personalized_states.get(site)
         if state is not None:
             if not self._states_checked:  # once per published set, not per batch
@@ -189,8 +217,8 @@ class SegmentationModule(pl.LightningModule):
                 for name, other in self.personalized_states.items():
                     check_same_keys(reference, other, f"personalized state of {name!r}")
                 self._states_checked = True
-            image = self._prepare(batch["image"])  # keys checked: skip functional_call's check
-            logits["personalized"] = functional_call(self.net, state, (image,), strict=False)
+            # keys checked: functional_call's own check is skipped
+            logits["personalized"] = self._evaluation_forward(image, state)
         for model, scores in logits.items():
             self._evaluator.update(site, model, scores, batch)
         if stage == "test" and self._overlays is not None:
