@@ -34,6 +34,7 @@ from common import (
 from torch import Tensor
 
 from iopfl_lightning.federated import write_routing_space
+from iopfl_lightning.modules.compiling import compiled_or_none
 from iopfl_lightning.modules.optim import adam
 from iopfl_lightning.modules.routing import RoutingModule
 from iopfl_lightning.nets import build_net, net_spec
@@ -150,14 +151,14 @@ def mix_difference(module: RoutingModule, x: Tensor) -> float:
 
 def compiled_steps(module: RoutingModule, x: Tensor, device: torch.device, precision: str,
                    steps: int, mode: str) -> dict:
-    """``time_steps`` with the routed net swapped for its ``torch.compile`` (same parameters),
-    two warm-up steps (compilation, then the first replay); the net is swapped back after."""
-    net = module.net
-    module.net = torch.compile(net, **({} if mode == "default" else {"mode": mode}))
+    """``time_steps`` with the module's adaptation forwards compiled as
+    ``RoutingModule(compile=True, compile_mode=mode)`` does it, two warm-up steps (compilation,
+    then the first replay); the module is set back to eager after."""
+    module.__dict__["_compiled_net"] = compiled_or_none(module.net, True, mode)
     try:
         return {"mode": mode, **time_steps(module, x, device, precision, steps, warmup=2)}
     finally:
-        module.net = net
+        module.__dict__["_compiled_net"] = None
 
 
 def routed_bench(features: int, size: int, batch: int, experts: int, device: torch.device,

@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from iopfl_lightning.data.datamodule import sample_keys
 from iopfl_lightning.modules import tta_losses as tl
+from iopfl_lightning.modules.compiling import CompileMode, check_compile_mode, compiled_or_none
 from iopfl_lightning.modules.evaluation import MixtureMeter, SiteEvaluator, log_rows, report_test
 from iopfl_lightning.modules.optim import adam
 from iopfl_lightning.modules.routing_experts import (
@@ -107,6 +108,9 @@ class RoutingModule(pl.LightningModule):
             kernels, one grouped convolution) or ``outputs`` (one dense convolution over all
             experts, outputs weighted; E times the arithmetic, no grouped kernels). Same
             result up to float rounding; see ``nets.routed_layers``.
+        compile, compile_mode: run the adaptation step's two forwards of the routed net
+            through ``torch.compile`` (its mode as in ``SegmentationModule``); evaluation and
+            the baselines stay eager. Parameters and state dict keys are the net's own.
     """
 
     def __init__(
@@ -131,11 +135,14 @@ class RoutingModule(pl.LightningModule):
         overlay_cases: int = 3,
         mix: Mix = "kernels",
         channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: CompileMode = "default",
     ) -> None:
         super().__init__()
         self._check_args(gate, start, norm, shape_loss, eval_mode, baselines, lr, noise_std,
                          overlay_cases)
         _choice("mix", mix, MIXES)
+        check_compile_mode(compile_mode)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.baselines = list(BASELINES if baselines is None else baselines)
@@ -162,6 +169,8 @@ class RoutingModule(pl.LightningModule):
         if norm == "batch":
             for net in self.adapted_nets().values():
                 use_batch_statistics(net)
+        # kept out of the module tree (no extra state dict keys): the same parameters
+        self.__dict__["_compiled_net"] = compiled_or_none(self.net, compile, compile_mode)
         self._states = experts.states
         self._uniform = average_states(experts.states)
         self._online: dict[str, dict[tuple[int, int], Tensor]] = {m: {} for m in ADAPTED}
@@ -259,9 +268,11 @@ class RoutingModule(pl.LightningModule):
     def routed_objective(self, image: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted entropy + consistency + shape loss of the routed net on ``image``."""
         hp = self.hparams
-        logits = self.net(image)
+        compiled = self.__dict__.get("_compiled_net")
+        net = self.net if compiled is None else compiled
+        logits = net(image)
         view, turns, flips = tl.augment_view(image, hp.noise_std)
-        back = tl.invert_view(self.net(view), turns, flips)
+        back = tl.invert_view(net(view), turns, flips)
         parts = {
             "entropy": tl.entropy_loss(logits),
             "consistency": tl.consistency_loss(back, logits),

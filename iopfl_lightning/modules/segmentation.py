@@ -8,13 +8,13 @@ copy through ``torch.func.functional_call``: no module is copied or moved to eva
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 from torch.func import functional_call
 
 from iopfl_lightning.federated.state import check_same_keys
+from iopfl_lightning.modules.compiling import CompileMode, check_compile_mode, compiled_or_none
 from iopfl_lightning.modules.evaluation import SiteEvaluator, log_rows, report_test
 from iopfl_lightning.modules.losses import LossName, SegmentationLoss
 from iopfl_lightning.modules.optim import adam
@@ -22,10 +22,6 @@ from iopfl_lightning.nets import build_from_spec, net_spec
 from iopfl_lightning.viz.collect import OverlayCases
 
 log = logging.getLogger(__name__)
-
-CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
-COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
-
 
 class SegmentationModule(pl.LightningModule):
     """Args:
@@ -35,7 +31,8 @@ class SegmentationModule(pl.LightningModule):
     encoder_name, encoder_weights: for smp nets (no weights can be downloaded offline).
     loss: ``dice`` (reference) or ``dice_ce``.
     lr, amsgrad, weight_decay: Adam settings (reference: 1e-3, amsgrad).
-    channels_last: train and evaluate in channels_last memory format (faster on GPUs).
+    channels_last: train and evaluate in channels_last memory format (faster on GPUs, and on
+        CPUs from 64 px up; even at the demo's 48 px: docs/performance.md).
     val_hd95: compute HD95 during per-round validation too (test always does).
     compile: run the training forward through ``torch.compile``, and (``compile_eval``) the
         evaluation forward too. State dict keys and parameters are the net's own, so
@@ -76,8 +73,7 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError(f"lr must be positive, got {lr}")
         if overlay_cases < 0:
             raise ValueError(f"overlay_cases must be >= 0, got {overlay_cases}")
-        if compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}, got {compile_mode!r}")
+        check_compile_mode(compile_mode)
         self.save_hyperparameters()
         self.loss_fn = SegmentationLoss(loss)
         self.net: torch.nn.Module | None = None
@@ -118,12 +114,11 @@ class SegmentationModule(pl.LightningModule):
         if hp.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         # Kept out of the module tree (no extra state dict keys): same parameters as self.net.
-        mode = hp.get("compile_mode", "default")
-        kwargs = {} if mode == "default" else {"mode": mode}
-        compiled = hp.get("compile")
-        self.__dict__["_compiled_net"] = torch.compile(self.net, **kwargs) if compiled else None
-        self.__dict__["_compiled_eval"] = (torch.compile(self._weights_forward)
-                                           if compiled and hp.get("compile_eval", True) else None)
+        compiled = bool(hp.get("compile"))
+        self.__dict__["_compiled_net"] = compiled_or_none(
+            self.net, compiled, hp.get("compile_mode", "default"))
+        self.__dict__["_compiled_eval"] = compiled_or_none(
+            self._weights_forward, compiled and hp.get("compile_eval", True))
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None

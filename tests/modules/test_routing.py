@@ -206,3 +206,41 @@ def test_inside_training_data_is_refused(space, tmp_path):
     dm = tiny_datamodule(outside=["UCL"])
     with pytest.raises(ValueError, match="train_on"):
         tiny_trainer(1, [], tmp_path).fit(RoutingModule(space), datamodule=dm)
+
+
+def test_compile_option_runs_the_adaptation_forwards_compiled_with_the_same_step(
+    space, monkeypatch
+):
+    """``compile=True`` puts the routed net's two adaptation forwards through torch.compile
+    (the eager backend here: real graph capture, no code generation): same objective and
+    router gradients, same state dict keys."""
+    calls = []
+    real_compile = torch.compile
+
+    def eager_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return real_compile(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    image = outside_dm().dataset("UCL", "test", labels=False)[0]["image"]
+    batch = torch.stack([image, image.flip(-1)])
+    results = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)  # the same random router start, and the same augmented view
+        module = RoutingModule(space, baselines=[], start="random", compile=compile_,
+                               compile_mode="reduce-overhead")
+        loss = module.routed_objective(batch)[0]
+        loss.backward()
+        grads = [p.grad for p in module.net.parameters() if p.requires_grad]
+        results.append((loss.detach(), grads, list(module.state_dict())))
+    assert calls == [{"mode": "reduce-overhead"}]
+    (loss_e, grads_e, keys_e), (loss_c, grads_c, keys_c) = results
+    assert keys_c == keys_e
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_unknown_compile_mode_is_refused(space):
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        RoutingModule(space, compile=True, compile_mode="fast")
