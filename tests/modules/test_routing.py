@@ -244,3 +244,21 @@ def test_compile_option_runs_the_adaptation_forwards_compiled_with_the_same_step
 def test_unknown_compile_mode_is_refused(space):
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         RoutingModule(space, compile=True, compile_mode="fast")
+
+
+def test_compiled_fit_adapts_like_the_eager_one(space, tmp_path, monkeypatch):
+    """A whole online fit (Lightning's manual optimization, the online predictions) with the
+    compiled adaptation forwards trains the same routers as the eager fit."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager"))
+    trained = []
+    for compile_ in (False, True):
+        pl.seed_everything(0, verbose=False)
+        module = RoutingModule(space, baselines=[], compile=compile_)
+        tiny_trainer(1, [], tmp_path / str(compile_)).fit(module, datamodule=outside_dm())
+        trained.append([p.detach().clone() for p in router_parameters(module.net)])
+    pl.seed_everything(0, verbose=False)
+    start = [p.detach() for p in router_parameters(RoutingModule(space, baselines=[]).net)]
+    assert any(not torch.equal(a, b) for a, b in zip(trained[0], start, strict=True))  # it fit
+    for a, b in zip(*trained, strict=True):
+        torch.testing.assert_close(a, b)
