@@ -67,6 +67,11 @@ def _rows(results: dict) -> list[tuple[str, str, str]]:
         for name, v in (routed.get("variants") or {}).items():
             rows.append((f"routed step, img/s, {name.replace('_', ' + ', 1)}",
                          _f(v["images_per_s"]), ""))
+        if "batched_auto" in routed:
+            auto = routed["batched_auto"]
+            outputs = sum(v["chosen"] == "outputs" for v in auto["choice"].values())
+            rows.append((f"routed step, img/s, mix auto (fastest per layer: {outputs} of "
+                         f"{len(auto['choice'])} mix outputs)", _f(auto["images_per_s"]), ""))
         if "batched_fp16" in routed:
             rows.append(("routed step, img/s, in 16-mixed (fp16, loss scaler)",
                          _f(routed["batched_fp16"]["images_per_s"]), ""))
@@ -132,6 +137,8 @@ def _routed_options(routed: dict) -> dict[str, float]:
         options[name.replace("_", " + ", 1)] = v["images_per_s"]
     if "batched_fp16" in routed:
         options["16-mixed"] = routed["batched_fp16"]["images_per_s"]
+    if "batched_auto" in routed:
+        options["mix auto"] = routed["batched_auto"]["images_per_s"]
     if "compiled" in routed:
         options[f"compile {routed['compiled']['mode']}"] = routed["compiled"]["images_per_s"]
     return options
@@ -175,6 +182,11 @@ def _suggestions(results: dict, compiled: dict | None) -> list[str]:
         lines.append(_pick("routing mix + memory format", {
             name.replace("_", " + ", 1): v["images_per_s"] for name, v in variants.items()}))
     routed = results.get("routed") or {}
+    if "batched_auto" in routed:
+        lines.append(_pick("routing mix", {
+            "kernels": routed["batched"]["images_per_s"],
+            "outputs": routed["batched_outputs"]["images_per_s"],
+            "auto": routed["batched_auto"]["images_per_s"]}))
     if "batched_fp16" in routed:
         lines.append(_pick("routing precision", {
             results["precision"]: routed["batched"]["images_per_s"],

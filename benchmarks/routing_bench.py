@@ -9,7 +9,9 @@ convolution per sample), as the IOP-FL reference does; everything else is identi
 ``batched`` mixes kernels (grouped convolutions, the default); ``batched_outputs`` is the same
 net mixing expert outputs (``RoutingModule(mix="outputs")``: dense convolutions), both in the
 requested memory format; ``variants`` has all four of mix x (channels_last, NCHW);
-``batched_fp16`` (on request) the default step in ``16-mixed``, with a loss scaler.
+``batched_fp16`` (on request) the default step in ``16-mixed``, with a loss scaler;
+``batched_auto`` the step with each layer's faster mix (``mix="auto"``) and the per-layer
+timings behind the choice.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from iopfl_lightning.modules.compiling import compiled_or_none
 from iopfl_lightning.modules.optim import adam
 from iopfl_lightning.modules.routing import RoutingModule
 from iopfl_lightning.nets import build_net, net_spec
+from iopfl_lightning.nets.mix_choice import choose_mixes
 from iopfl_lightning.nets.routed import routed_layers, set_mix
 from iopfl_lightning.nets.routed_layers import RoutedConv2d, RoutedConvTranspose2d, RoutedLinear
 
@@ -161,6 +164,19 @@ def compiled_steps(module: RoutingModule, x: Tensor, device: torch.device, preci
         module.__dict__["_compiled_net"] = None
 
 
+def auto_steps(module: RoutingModule, x: Tensor, device: torch.device, precision: str,
+               steps: int) -> dict:
+    """``RoutingModule(mix="auto")``'s step: each routed convolution timed both ways at these
+    shapes (``choice``: per layer, seconds of a forward + backward each way) and kept on the
+    faster; the module is set back to kernels after."""
+    with autocast(device, precision):
+        choice = choose_mixes(module.net, lambda: module.net(x))
+    try:
+        return {**time_steps(module, x, device, precision, steps), "choice": choice}
+    finally:
+        set_mix(module.net, "kernels")
+
+
 def routed_bench(features: int, size: int, batch: int, experts: int, device: torch.device,
                  precision: str, channels_last: bool, steps: int, loop_steps: int,
                  compile_mode: str | None = None, fp16: bool = False,
@@ -191,6 +207,8 @@ def routed_bench(features: int, size: int, batch: int, experts: int, device: tor
            "batched_outputs": variants[f"outputs_{chosen}"], "variants": variants}
     set_mix(batched.net, "kernels")
     batched.net.to(memory_format=memory_format)
+    out["batched_auto"] = auto_steps(batched, x.contiguous(memory_format=memory_format), device,
+                                     precision, steps)
     if compile_mode is not None:
         out["compiled"] = compiled_steps(batched, x.contiguous(memory_format=memory_format),
                                          device, precision, steps, compile_mode)

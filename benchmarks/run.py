@@ -246,6 +246,14 @@ def run_sweep(args, device) -> dict:
     return rows
 
 
+def mix_choice_table(choice: dict[str, dict]) -> str:
+    """Per routed convolution: forward + backward ms mixing kernels vs outputs, and the pick."""
+    lines = ["routed layer, forward + backward ms: kernels / outputs -> chosen"]
+    lines += [f"  {name:40s} {row['kernels'] * 1e3:8.2f} {row['outputs'] * 1e3:8.2f} -> "
+              f"{row['chosen']}" for name, row in choice.items()]
+    return "\n".join(lines)
+
+
 def _fmt(x: float, nd: int = 1) -> str:
     return "nan" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
 
@@ -313,6 +321,11 @@ def table(results: dict) -> str:
         if "batched_fp16" in rt:
             row("routed step 16-mixed batched vs loop, img/s", rt["batched_fp16"]["images_per_s"],
                 lp["images_per_s"])
+        if "batched_auto" in rt:
+            auto = rt["batched_auto"]
+            outputs = sum(v["chosen"] == "outputs" for v in auto["choice"].values())
+            row(f"routed step, img/s, mix auto ({outputs}/{len(auto['choice'])} outputs)",
+                auto["images_per_s"], lp["images_per_s"])
         if "batched_fp32" in rt:
             row("routed step fp32 batched vs loop, img/s", rt["batched_fp32"]["images_per_s"],
                 lp["images_per_s"])
@@ -403,6 +416,9 @@ def main(argv=None) -> dict:
     for key in ("profile", "torch_profile"):
         if engine.get(key):
             print(engine[key], flush=True)
+    choice = results.get("routed", {}).get("batched_auto", {}).get("choice")
+    if choice:
+        print(mix_choice_table(choice), flush=True)
     if results.get("routed", {}).get("torch_profile"):
         print("routed step, one step profiled:\n" + results["routed"]["torch_profile"], flush=True)
     print(f"total {results['total_s']:.1f} s", flush=True)

@@ -105,6 +105,9 @@ def test_device_check_dry_run_benchmark_json_is_complete(dry_run):
         assert data["federated"][engine]["images_per_s"] > 0, engine
     assert data["routed"]["batched_fp16"]["images_per_s"] > 0
     assert "aten::convolution_backward" in data["routed"]["torch_profile"]
+    auto = data["routed"]["batched_auto"]
+    assert auto["images_per_s"] > 0 and auto["choice"]
+    assert {row["chosen"] for row in auto["choice"].values()} <= {"kernels", "outputs"}
     assert set(data["section_s"]) == {"federated", "routed", "loader", "checkpoint", "outside"}
     assert data["batchnorm_backend"] == {"fp32": "Native", "bf16": "Native", "fp16": "Native"}
     assert "round throughput" in (dry_run / "log.txt").read_text()
@@ -116,7 +119,8 @@ def test_device_check_dry_run_report_and_profiles(dry_run):
     assert f"| {data['federated']['lightning']['images_per_s']:.1f} |" in text
     assert "targets apply to the paper preset on a GPU" in text
     assert "| sum of the above |" in text
-    assert "- routing mix + memory format:" in text
+    assert "- routing mix + memory format:" in text and "mix auto (fastest per layer:" in text
+    assert "- routing mix: " in text
     assert "- trainer flat_state:" in text and "per-tensor state ops |" in text
     assert "- trainer.precision:" in text and "- model.channels_last:" in text
     assert "- routing precision:" in text
@@ -124,7 +128,7 @@ def test_device_check_dry_run_report_and_profiles(dry_run):
     assert f"| checkpoint wait per round, ms (ours vs Lightning stock) | {ck:.1f} |" in text
     log = (dry_run / "log.txt").read_text()
     assert "FIT Profiler Report" in log and "Self CPU time total" in log
-    assert "7 skipped" in log  # the GPU-only tests, collected
+    assert "8 skipped" in log  # the GPU-only tests, collected
     assert "elapsed" in log and log.rstrip().endswith("status 0")
     files = sorted(p.name for p in dry_run.iterdir())
     assert len(files) <= 8, files  # what the device tool brings back

@@ -49,6 +49,7 @@ from iopfl_lightning.modules.routing_experts import (
     use_batch_statistics,
 )
 from iopfl_lightning.nets import build_from_spec
+from iopfl_lightning.nets.mix_choice import MIX_OPTIONS, MixOption, choose_mixes
 from iopfl_lightning.nets.routed import (
     build_routed_net,
     norm_affine_parameters,
@@ -56,7 +57,7 @@ from iopfl_lightning.nets.routed import (
     set_mix,
     set_mixture_recording,
 )
-from iopfl_lightning.nets.routed_layers import GATES, MIXES, STARTS, Gate, Mix, Start
+from iopfl_lightning.nets.routed_layers import GATES, STARTS, Gate, Start
 from iopfl_lightning.viz import routing_heatmap
 from iopfl_lightning.viz.collect import OverlayCases
 
@@ -107,7 +108,10 @@ class RoutingModule(pl.LightningModule):
         mix: how routed convolutions compute the per-sample mixture: ``kernels`` (mix the
             kernels, one grouped convolution) or ``outputs`` (one dense convolution over all
             experts, outputs weighted; E times the arithmetic, no grouped kernels). Same
-            result up to float rounding; see ``nets.routed_layers``.
+            result up to float rounding; see ``nets.routed_layers``. ``auto`` times both for
+            every routed convolution on the first training batch (forward and backward, on
+            the device, in the run's precision) and keeps the faster per layer
+            (``nets.mix_choice``; the choice is logged and kept in ``mix_choice``).
         compile, compile_mode: run the adaptation step's two forwards of the routed net
             through ``torch.compile`` (its mode as in ``SegmentationModule``); evaluation and
             the baselines stay eager. Parameters and state dict keys are the net's own.
@@ -133,7 +137,7 @@ class RoutingModule(pl.LightningModule):
         global_eps: float = 1e-2,
         train_norm_affine: bool = True,
         overlay_cases: int = 3,
-        mix: Mix = "kernels",
+        mix: MixOption = "kernels",
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: CompileMode = "default",
@@ -141,7 +145,7 @@ class RoutingModule(pl.LightningModule):
         super().__init__()
         self._check_args(gate, start, norm, shape_loss, eval_mode, baselines, lr, noise_std,
                          overlay_cases)
-        _choice("mix", mix, MIXES)
+        _choice("mix", mix, MIX_OPTIONS)
         check_compile_mode(compile_mode)
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -154,7 +158,8 @@ class RoutingModule(pl.LightningModule):
         self.net = build_routed_net(base, experts.states, gate=gate, start=start,
                                     hidden=router_hidden, dropout=router_dropout,
                                     global_eps=global_eps)
-        set_mix(self.net, mix)
+        set_mix(self.net, "kernels" if mix == "auto" else mix)
+        self.mix_choice: dict[str, dict] | None = None  # per layer, with mix="auto"
         affine = norm_affine_parameters(self.net) if train_norm_affine else []
         _trainable_only(self.net, router_parameters(self.net) + affine)
         base.load_state_dict(experts.global_state)
@@ -282,6 +287,13 @@ class RoutingModule(pl.LightningModule):
                  * parts["consistency"] + hp.shape_weight * parts["shape"])
         return total, parts
 
+    def _choose_mix(self, image: Tensor) -> None:
+        """``mix="auto"``: each routed convolution's faster mix at this batch's shapes."""
+        self.mix_choice = choose_mixes(self.net, lambda: self.net(image))
+        chosen = [v["chosen"] for v in self.mix_choice.values()]
+        log.info("mix auto: %d routed convolutions mix kernels, %d mix outputs (timed on %s)",
+                 chosen.count("kernels"), chosen.count("outputs"), image.device)
+
     def _step(self, optimizer, loss: Tensor) -> None:
         optimizer.zero_grad()
         self.manual_backward(loss)
@@ -289,6 +301,8 @@ class RoutingModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         image = self._prepare(batch["image"])  # the target's labels are never read here
+        if self.hparams.mix == "auto" and self.mix_choice is None:
+            self._choose_mix(image)
         self._steps += 1
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]

@@ -262,3 +262,25 @@ def test_compiled_fit_adapts_like_the_eager_one(space, tmp_path, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(trained[0], start, strict=True))  # it fit
     for a, b in zip(*trained, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_mix_auto_times_both_mixes_at_the_first_batch_and_fits_like_kernels(space, tmp_path):
+    """``mix="auto"``: at the first training batch every routed convolution is timed both ways
+    and keeps the faster; the fit then trains the routers as the default mix does (to float
+    rounding), and the random streams are untouched by the timing."""
+    trained, modules = [], []
+    for mix in ("kernels", "auto"):
+        pl.seed_everything(0, verbose=False)
+        module = RoutingModule(space, baselines=[], mix=mix)
+        tiny_trainer(1, [], tmp_path / mix).fit(module, datamodule=outside_dm())
+        trained.append([p.detach().clone() for p in router_parameters(module.net)])
+        modules.append(module)
+    auto = modules[1]
+    assert modules[0].mix_choice is None and auto.mix_choice
+    layers = dict(routed_layers(auto.net))
+    for name, row in auto.mix_choice.items():
+        assert layers[name].mix == row["chosen"] and row["kernels"] > 0 and row["outputs"] > 0
+    for a, b in zip(*trained, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="mix must be one of"):
+        RoutingModule(space, mix="fastest")
