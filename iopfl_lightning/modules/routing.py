@@ -111,7 +111,9 @@ class RoutingModule(pl.LightningModule):
             result up to float rounding; see ``nets.routed_layers``. ``auto`` times both for
             every routed convolution on the first training batch (forward and backward, on
             the device, in the run's precision) and keeps the faster per layer
-            (``nets.mix_choice``; the choice is logged and kept in ``mix_choice``).
+            (``nets.mix_choice``; the choice is logged and kept in ``mix_choice``). Timings
+            can choose differently from run to run, and so the float rounding: a run that must
+            repeat bit for bit keeps a fixed mix.
         compile, compile_mode: run the adaptation step's two forwards of the routed net
             through ``torch.compile`` (its mode as in ``SegmentationModule``); evaluation and
             the baselines stay eager. Parameters and state dict keys are the net's own.
