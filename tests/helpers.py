@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
@@ -77,3 +78,18 @@ def load_twin(real: str, twin: str) -> tuple[dict, dict]:
         full_args = full[section].get("init_args", full[section])
         assert set(tiny_args) <= set(full_args), (real, section)
     return full, tiny
+
+
+def eager_compiles(monkeypatch) -> list[tuple]:
+    """Make ``torch.compile`` use the eager backend (real graph capture, no code generation:
+    fast on a CPU, and the numbers of the uncompiled run); returns the ``(fn, kwargs)`` of
+    every call, in order."""
+    calls: list[tuple] = []
+    real_compile = torch.compile
+
+    def eager(fn, **kwargs):
+        calls.append((fn, kwargs))
+        return real_compile(fn, backend="eager")  # modes are for the inductor backend
+
+    monkeypatch.setattr(torch, "compile", eager)
+    return calls

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import eager_compiles
+
 ROOT = Path(__file__).resolve().parents[1]
 
 POSITIVE = [
@@ -179,17 +181,11 @@ def test_routed_bench_times_a_compiled_variant_and_the_report_names_it(monkeypat
     import report
     import routing_bench
 
-    real_compile = torch.compile
-    modes = []
-
-    def eager_compile(model, **kwargs):
-        modes.append(kwargs.get("mode", "default"))
-        return real_compile(model, backend="eager")
-
-    monkeypatch.setattr(torch, "compile", eager_compile)
+    calls = eager_compiles(monkeypatch)
     out = routing_bench.routed_bench(4, 32, 2, 3, torch.device("cpu"), "32-true", False,
                                      steps=1, loop_steps=1, compile_mode="reduce-overhead")
-    assert modes == ["reduce-overhead"] and out["compiled"]["images_per_s"] > 0
+    assert [kwargs for _, kwargs in calls] == [{"mode": "reduce-overhead"}]
+    assert out["compiled"]["images_per_s"] > 0
     assert out["compiled"]["mode"] == "reduce-overhead"
     lines = report._suggestions({"routed": out}, None)
     assert any(line.startswith("- routing compile:") for line in lines)

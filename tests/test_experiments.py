@@ -1,12 +1,11 @@
 """Each experiment config has a tiny twin under tests/configs that runs end to end here."""
 
-import torch
 import yaml
 
 from iopfl_lightning.data import make_synthetic_sites, write_iopfl_npy
 from tests.data.conftest import REAL_SAMPLE
 from tests.data.test_fundus import make_domain
-from tests.helpers import REPO, fit_rows, load_twin
+from tests.helpers import REPO, eager_compiles, fit_rows, load_twin
 
 
 def test_twins_mirror_their_experiment_configs():
@@ -72,14 +71,7 @@ def test_gpu_overlay_on_the_prostate_inside_twin_runs_on_cpu(tmp_path):
 def test_gpu_compile_overlay_compiles_the_training_forward(tmp_path, monkeypatch):
     """experiments/gpu_compile.yaml after gpu.yaml: the inside twin trains through
     torch.compile in reduce-overhead mode (the eager backend here: CPU, no code generation)."""
-    calls = []
-    real_compile = torch.compile
-
-    def eager_compile(model, **kwargs):
-        calls.append(kwargs)
-        return real_compile(model, backend="eager")
-
-    monkeypatch.setattr(torch, "compile", eager_compile)
+    calls = eager_compiles(monkeypatch)
     sites = make_synthetic_sites(
         cases_per_split={"train": 1, "val": 1, "test": 1}, slices=3, size=32, seed=1
     )
@@ -87,5 +79,5 @@ def test_gpu_compile_overlay_compiles_the_training_forward(tmp_path, monkeypatch
     rows = fit_rows("prostate_inside_tiny.yaml", tmp_path, "--config", GPU_OVERLAY,
                     "--config", str(REPO / "experiments" / "gpu_compile.yaml"),
                     "--trainer.accelerator", "cpu", "--data.root", str(tmp_path / "data"))
-    assert calls == [{"mode": "reduce-overhead"}, {}]  # training, then evaluation
+    assert [kwargs for _, kwargs in calls] == [{"mode": "reduce-overhead"}, {}]  # train, eval
     assert {r["site"] for r in rows} == set(sites)

@@ -13,7 +13,7 @@ from iopfl_lightning.modules.routing import RoutingModule
 from iopfl_lightning.modules.routing_experts import average_states
 from iopfl_lightning.nets import build_from_spec, net_spec
 from iopfl_lightning.nets.routed import norm_affine_parameters, routed_layers, router_parameters
-from tests.helpers import tiny_datamodule, tiny_trainer
+from tests.helpers import eager_compiles, tiny_datamodule, tiny_trainer
 
 INSIDE = ["BIDMC", "HK"]
 
@@ -214,14 +214,7 @@ def test_compile_option_runs_the_adaptation_forwards_compiled_with_the_same_step
     """``compile=True`` puts the routed net's two adaptation forwards through torch.compile
     (the eager backend here: real graph capture, no code generation): same objective and
     router gradients, same state dict keys."""
-    calls = []
-    real_compile = torch.compile
-
-    def eager_compile(fn, **kwargs):
-        calls.append(kwargs)
-        return real_compile(fn, backend="eager")
-
-    monkeypatch.setattr(torch, "compile", eager_compile)
+    calls = eager_compiles(monkeypatch)
     image = outside_dm().dataset("UCL", "test", labels=False)[0]["image"]
     batch = torch.stack([image, image.flip(-1)])
     results = []
@@ -233,7 +226,7 @@ def test_compile_option_runs_the_adaptation_forwards_compiled_with_the_same_step
         loss.backward()
         grads = [p.grad for p in module.net.parameters() if p.requires_grad]
         results.append((loss.detach(), grads, list(module.state_dict())))
-    assert calls == [{"mode": "reduce-overhead"}]
+    assert [kwargs for _, kwargs in calls] == [{"mode": "reduce-overhead"}]
     (loss_e, grads_e, keys_e), (loss_c, grads_c, keys_c) = results
     assert keys_c == keys_e
     torch.testing.assert_close(loss_c, loss_e)
@@ -249,8 +242,7 @@ def test_unknown_compile_mode_is_refused(space):
 def test_compiled_fit_adapts_like_the_eager_one(space, tmp_path, monkeypatch):
     """A whole online fit (Lightning's manual optimization, the online predictions) with the
     compiled adaptation forwards trains the same routers as the eager fit."""
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager"))
+    eager_compiles(monkeypatch)
     trained = []
     for compile_ in (False, True):
         pl.seed_everything(0, verbose=False)

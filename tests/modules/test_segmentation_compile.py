@@ -4,13 +4,11 @@ torch.compile is exercised with the ``eager`` backend here (real graph capture, 
 generation), so the test is fast on CPU and the numbers match the uncompiled run exactly.
 """
 
-import functools
-
 import pytest
 import torch
 
 from iopfl_lightning.federated import FederatedTrainer
-from tests.helpers import tiny_datamodule, tiny_module, tiny_trainer
+from tests.helpers import eager_compiles, tiny_datamodule, tiny_module, tiny_trainer
 
 
 def _fit(tmp_path, **module_kwargs):
@@ -21,14 +19,7 @@ def _fit(tmp_path, **module_kwargs):
 
 
 def test_compile_option_trains_through_torch_compile_with_identical_results(tmp_path, monkeypatch):
-    calls = []
-    real_compile = torch.compile
-
-    def eager_compile(model, **kwargs):
-        calls.append((model, kwargs))
-        return real_compile(model, backend="eager")  # modes are for the inductor backend
-
-    monkeypatch.setattr(torch, "compile", functools.partial(eager_compile))
+    calls = eager_compiles(monkeypatch)
     compiled = _fit(tmp_path / "c", compile=True, compile_mode="reduce-overhead")
     plain = _fit(tmp_path / "p")
     # the training forward in the chosen mode, evaluation in the default one
