@@ -55,6 +55,7 @@ from iopfl_lightning.federated.flat import (
     unflatten_module,
 )
 from iopfl_lightning.federated.methods import FederatedMethod, build_method
+from iopfl_lightning.federated.methods_prox import unscale_for_hooks
 from iopfl_lightning.federated.participation import select_clients
 from iopfl_lightning.federated.personalize import check_alpha
 from iopfl_lightning.federated.progress import describe_round
@@ -346,6 +347,8 @@ class FederatedTrainer(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self._client is not None:
+            if type(self.method).before_optimizer_step is not FederatedMethod.before_optimizer_step:
+                unscale_for_hooks(pl_module, optimizer)  # the method reads and adds to .grad
             self.method.before_optimizer_step(pl_module)
 
     def on_train_batch_end(

@@ -2,9 +2,9 @@
 
 - ``fedprox`` (Li et al. 2020): the client minimizes ``f_k(w) + mu/2 ||w - w_global||^2``. The
   term's gradient ``mu (w - w_global)`` is added to ``.grad`` right before each optimizer step
-  (after Lightning has unscaled AMP gradients and before clipping), which is exactly what adding
-  the term to the loss would do, for any LightningModule with a ``.net`` and automatic
-  optimization, without touching the module.
+  (after the AMP gradients are unscaled, see ``unscale_for_hooks``, and before clipping), which
+  is exactly what adding the term to the loss would do, for any LightningModule with a ``.net``
+  and automatic optimization, without touching the module.
 - ``ditto`` (Li et al. 2021): besides the usual local training of the global model, each site
   trains a personal model ``v_k`` on the same batches with ``f_k(v) + lam/2 ||v - w_global||^2``
   (its own Adam, fresh each round like the client's). ``v_k`` is the site's personalized copy;
@@ -130,6 +130,25 @@ def _grad_scaler(pl_module: pl.LightningModule) -> torch.amp.GradScaler | None:
     if getattr(_precision_plugin(pl_module), "scaler", None) is None:
         return None
     return torch.amp.GradScaler(pl_module.device.type)
+
+
+def unscale_for_hooks(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    """Unscale ``16-mixed`` gradients before a hook reads or adds to them.
+
+    Lightning unscales them before ``on_before_optimizer_step``, except for optimizers that
+    unscale inside their own step (fused Adam, which ``modules.optim.adam`` picks on CUDA):
+    there the hook would see gradients times the loss scale. Those are unscaled here, once; the
+    scaler's step then knows they are, and still skips the step on inf/NaN. A no-op for other
+    precisions and optimizers, and when they are unscaled already.
+    """
+    scaler = getattr(_precision_plugin(pl_module), "scaler", None)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return
+    try:
+        scaler.unscale_(optimizer)
+    except RuntimeError as err:  # unscaled since the scaler's last update: nothing to do
+        if "already been called" not in str(err):
+            raise
 
 
 def _autocast(pl_module: pl.LightningModule):

@@ -17,6 +17,7 @@ from iopfl_lightning.federated.methods import (
     build_method,
     register_method,
 )
+from iopfl_lightning.federated.methods_prox import unscale_for_hooks
 from iopfl_lightning.federated.state import clone_state, norm_keys
 from tests.helpers import tiny_module
 
@@ -172,3 +173,55 @@ def test_ditto_scales_its_personal_step_under_fp16():
     assert all(torch.equal(after[k], before[k]) for k in params)
     _, unscaled = _ditto_personal(lam=0.1, steps=1, batch=bad)
     assert not all(torch.isfinite(unscaled[k]).all() for k in params)  # what the scaler prevents
+
+
+def _scaled_fedprox_step(fused: bool, mu: float = 0.5):
+    """One FedProx step the way a 16-mixed trainer takes it: scaled backward, the callback's
+    hook (unscale_for_hooks, then the proximal gradient), then the scaler's step. Returns the
+    parameters after the step and the gradients the method saw."""
+    torch.manual_seed(0)
+    module = tiny_module()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plugin = types.SimpleNamespace(scaler=scaler)
+    module._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(precision_plugin=plugin))
+    net = module.net
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01, fused=fused)
+    method = FedProx(mu=mu)
+    method.setup(net, {k for k, _ in net.named_parameters()}, norm_keys(net))
+    anchor = {k: v + 0.1 for k, v in clone_state(net.state_dict()).items()}
+    method.start_client(module, 0, anchor, None)
+    loss = net(torch.randn(2, 3, 16, 16)).square().mean()
+    scaler.scale(loss).backward()
+    if not fused:  # what Lightning does itself before the hook for a non-fused optimizer
+        scaler.unscale_(optimizer)
+    unscale_for_hooks(module, optimizer)
+    unscale_for_hooks(module, optimizer)  # a second call in the same step changes nothing
+    seen = {k: p.grad.clone() for k, p in net.named_parameters()}
+    method.before_optimizer_step(module)
+    scaler.step(optimizer)
+    scaler.update()
+    return {k: p.detach().clone() for k, p in net.named_parameters()}, seen
+
+
+def test_fedprox_under_fp16_sees_unscaled_gradients_with_a_fused_optimizer():
+    """Lightning does not unscale before on_before_optimizer_step for optimizers that unscale in
+    their own step (fused Adam on CUDA); the callback does, so FedProx adds its term to true
+    gradients and the step equals the one with a non-fused optimizer."""
+    fused_params, fused_seen = _scaled_fedprox_step(fused=True)
+    plain_params, plain_seen = _scaled_fedprox_step(fused=False)
+    for k in plain_seen:
+        torch.testing.assert_close(fused_seen[k], plain_seen[k], msg=k)
+        torch.testing.assert_close(fused_params[k], plain_params[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_unscale_for_hooks_leaves_other_precisions_alone():
+    module = tiny_module()
+    optimizer = torch.optim.Adam(module.net.parameters(), fused=True)
+    loss = module.net(torch.randn(2, 3, 16, 16)).sum()
+    loss.backward()
+    grads = [p.grad.clone() for p in module.net.parameters()]
+    unscale_for_hooks(module, optimizer)  # no trainer: no scaler
+    plugin = types.SimpleNamespace(scaler=None)  # bf16-mixed / 32-true
+    module._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(precision_plugin=plugin))
+    unscale_for_hooks(module, optimizer)
+    assert all(torch.equal(p.grad, g) for p, g in zip(module.net.parameters(), grads, strict=True))
