@@ -8,11 +8,23 @@ float rounding level). Elsewhere torch's default is kept, so CPU results stay as
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 
-def adam(params: Iterable[torch.Tensor], **kwargs) -> torch.optim.Adam:
+def adam(params: Iterable[torch.Tensor], fused_ok: bool = True, **kwargs) -> torch.optim.Adam:
+    """``torch.optim.Adam``, fused when every parameter is a CUDA float tensor and
+    ``fused_ok`` (see ``fused_allowed``)."""
     params = list(params)
     on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, fused=True if on_cuda else None, **kwargs)
+    return torch.optim.Adam(params, fused=True if on_cuda and fused_ok else None, **kwargs)
+
+
+def fused_allowed(trainer: Any) -> bool:
+    """False when Lightning would refuse a fused optimizer: gradient clipping under a loss
+    scaler (``16-mixed``). Clipping needs unscaled gradients first, and a fused step unscales
+    only inside itself, so Lightning raises at the first clip."""
+    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    scaled = getattr(plugin, "scaler", None) is not None
+    return not (scaled and getattr(trainer, "gradient_clip_val", None))

@@ -17,7 +17,7 @@ from iopfl_lightning.federated.state import check_same_keys
 from iopfl_lightning.modules.compiling import CompileMode, check_compile_mode, compiled_or_none
 from iopfl_lightning.modules.evaluation import SiteEvaluator, log_rows, report_test
 from iopfl_lightning.modules.losses import LossName, SegmentationLoss
-from iopfl_lightning.modules.optim import adam
+from iopfl_lightning.modules.optim import adam, fused_allowed
 from iopfl_lightning.nets import build_from_spec, net_spec
 from iopfl_lightning.viz.collect import OverlayCases
 
@@ -139,8 +139,8 @@ class SegmentationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        return adam(self.net.parameters(), lr=hp.lr, amsgrad=hp.amsgrad,
-                    weight_decay=hp.weight_decay)
+        return adam(self.net.parameters(), fused_ok=fused_allowed(self._trainer), lr=hp.lr,
+                    amsgrad=hp.amsgrad, weight_decay=hp.weight_decay)
 
     # ------------------------------------------------------------ forward
     def _prepare(self, image: torch.Tensor) -> torch.Tensor:
