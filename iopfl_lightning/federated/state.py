@@ -12,6 +12,7 @@ foreach op runs the same per-tensor kernels in C++, so results are bitwise those
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -154,8 +155,18 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         optimizer.state.clear()
         return
     values = [v for entry in optimizer.state.values() for v in entry.values()]
-    if not all(isinstance(v, Tensor) for v in values):  # a Python step count: not zeroable
-        optimizer.state.clear()
-        return
-    for tensors in group_tensors(values):
+    cached = _ZERO_GROUPS.get(optimizer)
+    if cached is None or len(cached[0]) != len(values) or any(
+            a is not b for a, b in zip(values, cached[0], strict=True)):
+        if not all(isinstance(v, Tensor) for v in values):  # a Python step count: not zeroable
+            optimizer.state.clear()
+            return
+        cached = _ZERO_GROUPS[optimizer] = (values, group_tensors(values))
+    for tensors in cached[1]:
         torch._foreach_zero_(tensors)
+
+
+# Per optimizer: its state tensors as last grouped by (device, dtype). Zeroing in place keeps
+# the same tensors from client to client, so the grouping is reused while they stay the same
+# objects (checked by identity at every reset); a loaded or rebuilt state is grouped anew.
+_ZERO_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

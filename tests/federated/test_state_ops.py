@@ -224,3 +224,27 @@ def test_reset_optimizer_state_continues_exactly_like_a_fresh_optimizer(make):
     steps(make(net.parameters()), 3)
     for k, v in net.state_dict().items():
         assert torch.equal(after_reset[k], v), k
+
+
+def test_reset_optimizer_state_regroups_a_state_that_was_loaded_in_between():
+    """The grouping is kept from reset to reset while the state tensors stay the same objects;
+    a state loaded in between (a client's kept moments) is zeroed, not the stale tensors."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    reset_optimizer_state(opt)
+    first = [t for s in opt.state.values() for t in s.values()]
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    reset_optimizer_state(opt)  # the same tensors: zeroed in place again
+    assert [t for s in opt.state.values() for t in s.values()] == first
+    assert not any(t.any() for t in first)
+    net(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new tensors, the same values
+    loaded = [t for s in opt.state.values() for t in s.values()]
+    assert all(a is not b for a, b in zip(loaded, first, strict=True)) and any(t.any() for t in loaded)
+    reset_optimizer_state(opt)
+    assert not any(t.any() for s in opt.state.values() for t in s.values())
