@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -36,6 +37,8 @@ from torch.utils.data import DataLoader
 from iopfl_lightning.data import MultiSiteDataModule
 from iopfl_lightning.data.synthetic import SITE_STYLES
 from iopfl_lightning.federated import FederatedTrainer
+from iopfl_lightning.federated import callback as callback_module
+from iopfl_lightning.federated.aggregate import FlatAccumulator, UpdateAccumulator
 from iopfl_lightning.modules import SegmentationModule
 from iopfl_lightning.modules.losses import SegmentationLoss
 from iopfl_lightning.nets import build_net
@@ -66,6 +69,7 @@ class FedConfig:
     profile: bool = False  # Lightning SimpleProfiler: where a round's host time goes
     torch_profile: bool = False  # torch.profiler over the last round: top ops, syncs, copies
     flat_state: bool = True  # engine only: FederatedTrainer(flat_state=...)
+    switch_parts: bool = False  # engine only: time the calls inside a client switch too
 
 
 def make_datamodule(cfg: FedConfig) -> MultiSiteDataModule:
@@ -140,6 +144,32 @@ class _TorchProfileLastRound(pl.Callback):
             self._prof = None
 
 
+# The calls inside a client switch (``--switch-parts``): where its host time goes. The
+# callback module's names are what the callback calls, so they are wrapped there.
+SWITCH_PARTS = {
+    "optimizer reset": (callback_module, "reset_optimizer_state"),
+    "NaN/inf check": (callback_module, "all_finite"),
+    "load weights": (callback_module, "copy_into"),
+    "accumulator add (flat)": (FlatAccumulator, "add"),
+    "accumulator add (per tensor)": (UpdateAccumulator, "add"),
+}
+
+
+@contextmanager
+def timed_switch_parts(device: torch.device):
+    """Inclusive ms of every call of SWITCH_PARTS while the block runs (CUDA-synchronised, so
+    they add syncs of their own); the originals are put back after."""
+    originals = {label: getattr(obj, name) for label, (obj, name) in SWITCH_PARTS.items()}
+    records: dict[str, list[float]] = {}
+    try:
+        for label, (obj, name) in SWITCH_PARTS.items():
+            records[label] = time_methods(obj, [name], device)[name]
+        yield records
+    finally:
+        for label, (obj, name) in SWITCH_PARTS.items():
+            setattr(obj, name, originals[label])
+
+
 def _round_stats(rounds: list[dict]) -> dict:
     measured = rounds[1:] if len(rounds) > 1 else rounds
     walls = [r["wall"] for r in measured]
@@ -181,7 +211,8 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
             profiler=profiler,
         )
         began = time.perf_counter()
-        with MemoryMeter(device) as mem:
+        parts = timed_switch_parts(device) if cfg.switch_parts else nullcontext({})
+        with MemoryMeter(device) as mem, parts as part_ms:
             trainer.fit(module, datamodule=dm)
     out = _round_stats(shared["rounds"])
     out["fit_s"] = time.perf_counter() - began  # warm-up included: device-time planning
@@ -196,6 +227,9 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
     total = sum(r["wall"] for r in shared["rounds"][1:]) * 1e3
     out["switch_agg_pct_of_round"] = 100.0 * overhead / total if total else float("nan")
     out["peak_mb"], out["peak_delta_mb"] = mem.peak_mb, mem.delta_mb
+    if cfg.switch_parts:  # the first round's calls are warm-up, as for the switch itself
+        out["switch_parts_ms"] = {label: summary(v[len(v) // cfg.rounds:])
+                                  for label, v in part_ms.items() if v}
     if profiler is not None:
         out["profile"] = profiler.summary()
     if torch_profile is not None:

@@ -21,8 +21,9 @@
 # 4. runs the GPU-only tests (the ones CI skips: benchmark on CUDA, state ops, routed mixing,
 #    device cache, metrics, fused Adam, background checkpoint writes; the CPU suite is CI's job);
 # 5. if time is left (< 420 s so far), the federated rounds once more under Lightning's
-#    SimpleProfiler and torch.profiler (host time per hook, ops by host and GPU time; not a
-#    throughput figure: profilers add overhead);
+#    SimpleProfiler and torch.profiler (host time per hook, ops by host and GPU time) with the
+#    calls inside a client switch timed (--switch-parts); not a throughput figure: profilers
+#    add overhead;
 # 6. report.md: the figures and issue 8's targets as markdown for docs/performance.md.
 # Writes log.txt (everything printed), the JSON and report.md into $OUT (or the first argument):
 # six files, within what the device tool brings back (8). Run from the repository root:
@@ -82,7 +83,7 @@ fi
 echo "elapsed ${SECONDS}s"
 if [ "$SECONDS" -lt 420 ]; then
   $PY benchmarks/run.py "${SETTING[@]}" --only federated --profile \
-    --torch-profile --rounds 3 --out "$OUT/paper_profile.json" || status=1
+    --torch-profile --switch-parts --rounds 3 --out "$OUT/paper_profile.json" || status=1
 else
   echo "skipped the profiled run (${SECONDS}s elapsed)"
 fi

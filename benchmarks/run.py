@@ -100,6 +100,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="Lightning SimpleProfiler on the engine's rounds: host time per hook")
     p.add_argument("--torch-profile", action="store_true",
                    help="torch.profiler over the engine's last round: ops by host and device time")
+    p.add_argument("--switch-parts", action="store_true",
+                   help="also time the calls inside a client switch (optimizer reset, NaN/inf "
+                        "check, loading, accumulating): where its host time goes")
     p.add_argument("--routed-profile", action="store_true",
                    help="torch.profiler over one routed step (after its timings): ops by host "
                         "and device time")
@@ -305,6 +308,9 @@ def table(results: dict) -> str:
                 pt["client_switch_ms"]["median"], 2)
             row("aggregation, ms: flat vs per-tensor", e["aggregation_ms"]["median"],
                 pt["aggregation_ms"]["median"], 2)
+        for label, ms in e.get("switch_parts_ms", {}).items():
+            lines.append(f"  inside a switch: {label:28s} {ms['median']:.3f} ms median "
+                         f"({ms['n']} calls)")
         for key, err in fed.get("errors", {}).items():
             lines.append(f"{key} FAILED: {err}")
         lines.append(f"engine time over plain loop: {_fmt(fed['engine_over_plain_time_pct'])}% "

@@ -258,3 +258,19 @@ def test_a_stopped_run_keeps_the_parts_it_finished(monkeypatch, tmp_path):
     text = report.report(data)
     assert "**The run stopped before it finished**; parts done: federated." in text
     assert "| round throughput, img/s (best round) |" in text
+
+
+def test_switch_parts_times_the_calls_inside_a_switch_and_puts_them_back(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    from iopfl_lightning.federated import callback, state
+    from iopfl_lightning.federated.aggregate import FlatAccumulator
+
+    add = FlatAccumulator.add
+    data = run.main(["--preset", "tiny", "--only", "federated", "--switch-parts"])
+    parts = data["federated"]["lightning"]["switch_parts_ms"]
+    for label in ("optimizer reset", "NaN/inf check", "load weights", "accumulator add (flat)"):
+        assert parts[label]["n"] > 0 and parts[label]["median"] > 0, label
+    assert callback.reset_optimizer_state is state.reset_optimizer_state  # unwrapped after
+    assert callback.all_finite is state.all_finite and FlatAccumulator.add is add
