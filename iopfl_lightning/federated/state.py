@@ -46,12 +46,18 @@ def live_state(net: nn.Module) -> StateDict:
     return dict(net.state_dict(keep_vars=True))
 
 
+def group_indices(tensors: Iterable[Tensor]) -> list[list[int]]:
+    """Positions of ``tensors`` (in order) split by (device, dtype): one foreach call each."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return list(groups.values())
+
+
 def group_tensors(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
     """``tensors`` (in order) split by (device, dtype): one foreach call each."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return list(groups.values())
+    tensors = list(tensors)
+    return [[tensors[i] for i in group] for group in group_indices(tensors)]
 
 
 def group_keys(state: Mapping[str, Tensor], keys: Iterable[str]) -> list[list[str]]:
@@ -155,18 +161,19 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         optimizer.state.clear()
         return
     values = [v for entry in optimizer.state.values() for v in entry.values()]
-    cached = _ZERO_GROUPS.get(optimizer)
-    if cached is None or len(cached[0]) != len(values) or any(
-            a is not b for a, b in zip(values, cached[0], strict=True)):
+    refs, groups = _ZERO_GROUPS.get(optimizer, ((), ()))
+    if len(refs) != len(values) or any(r() is not v for r, v in zip(refs, values, strict=True)):
         if not all(isinstance(v, Tensor) for v in values):  # a Python step count: not zeroable
             optimizer.state.clear()
             return
-        cached = _ZERO_GROUPS[optimizer] = (values, group_tensors(values))
-    for tensors in cached[1]:
-        torch._foreach_zero_(tensors)
+        refs, groups = [weakref.ref(v) for v in values], group_indices(values)
+        _ZERO_GROUPS[optimizer] = (refs, groups)
+    for group in groups:
+        torch._foreach_zero_([values[i] for i in group])
 
 
-# Per optimizer: its state tensors as last grouped by (device, dtype). Zeroing in place keeps
-# the same tensors from client to client, so the grouping is reused while they stay the same
-# objects (checked by identity at every reset); a loaded or rebuilt state is grouped anew.
+# Per optimizer: how its state tensors were last grouped by (device, dtype). Zeroing in place
+# keeps the same tensors from client to client, so the grouping is reused while they stay the
+# same objects (checked by identity at every reset, through weak references: a state loaded
+# in between is grouped anew, and the replaced tensors are not kept alive here).
 _ZERO_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -6,6 +6,8 @@ statistics and an int64 ``num_batches_tracked``.
 """
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -246,5 +248,9 @@ def test_reset_optimizer_state_regroups_a_state_that_was_loaded_in_between():
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new tensors, the same values
     loaded = [t for s in opt.state.values() for t in s.values()]
     assert all(a is not b for a, b in zip(loaded, first, strict=True)) and any(t.any() for t in loaded)
+    replaced = weakref.ref(first[0])
+    del first
+    gc.collect()
+    assert replaced() is None  # the kept grouping does not hold the replaced tensors alive
     reset_optimizer_state(opt)
     assert not any(t.any() for s in opt.state.values() for t in s.values())
