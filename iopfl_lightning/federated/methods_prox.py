@@ -136,8 +136,9 @@ def unscale_for_hooks(pl_module: pl.LightningModule, optimizer: torch.optim.Opti
     """Unscale ``16-mixed`` gradients before a hook reads or adds to them.
 
     Lightning unscales them before ``on_before_optimizer_step``, except for optimizers that
-    unscale inside their own step (fused Adam, which ``modules.optim.adam`` picks on CUDA):
-    there the hook would see gradients times the loss scale. Those are unscaled here, once; the
+    unscale inside their own step (a fused Adam: this project's modules avoid it under a loss
+    scaler, ``modules.optim.fused_allowed``, but any LightningModule may configure one): there
+    the hook would see gradients times the loss scale. Those are unscaled here, once; the
     scaler's step then knows they are, and still skips the step on inf/NaN. A no-op for other
     precisions and optimizers, and when they are unscaled already.
     """

@@ -22,9 +22,9 @@ def adam(params: Iterable[torch.Tensor], fused_ok: bool = True, **kwargs) -> tor
 
 
 def fused_allowed(trainer: Any) -> bool:
-    """False when Lightning would refuse a fused optimizer: gradient clipping under a loss
-    scaler (``16-mixed``). Clipping needs unscaled gradients first, and a fused step unscales
-    only inside itself, so Lightning raises at the first clip."""
+    """False under a loss scaler (``16-mixed``). Lightning unscales the gradients before
+    ``on_before_optimizer_step`` and before clipping only for optimizers that do not unscale
+    inside their own step: with a fused one, every gradient hook would see gradients times the
+    scale, and clipping raises at the first step. bf16 and fp32 need no scaler and keep it."""
     plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
-    scaled = getattr(plugin, "scaler", None) is not None
-    return not (scaled and getattr(trainer, "gradient_clip_val", None))
+    return getattr(plugin, "scaler", None) is None

@@ -39,7 +39,7 @@ from iopfl_lightning.data.datamodule import sample_keys
 from iopfl_lightning.modules import tta_losses as tl
 from iopfl_lightning.modules.compiling import CompileMode, check_compile_mode, compiled_or_none
 from iopfl_lightning.modules.evaluation import MixtureMeter, SiteEvaluator, log_rows, report_test
-from iopfl_lightning.modules.optim import adam
+from iopfl_lightning.modules.optim import adam, fused_allowed
 from iopfl_lightning.modules.routing_experts import (
     average_states,
     ensemble_probabilities,
@@ -243,7 +243,8 @@ class RoutingModule(pl.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         lr = self.hparams.lr
-        return [adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+        fused_ok = fused_allowed(self._trainer)
+        return [adam([p for p in net.parameters() if p.requires_grad], fused_ok, lr=lr)
                 for net in self.adapted_nets().values()]
 
     def forward(self, image: Tensor) -> Tensor:

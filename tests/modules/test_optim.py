@@ -25,14 +25,14 @@ def _trainer(scaler, clip):
                                  gradient_clip_val=clip)
 
 
-def test_fused_is_refused_only_for_clipping_under_a_loss_scaler():
-    """Lightning raises at the first clip of a fused optimizer under 16-mixed (it cannot
-    unscale before clipping); every other combination keeps the fused kernel."""
+def test_fused_is_refused_under_a_loss_scaler():
+    """Under 16-mixed Lightning unscales before the gradient hooks and clipping only for
+    non-fused optimizers (with a fused one, clipping raises); bf16 and fp32 keep the fused
+    kernel, with or without clipping."""
     scaler = torch.amp.GradScaler("cpu")
     assert fused_allowed(None)
-    assert fused_allowed(_trainer(None, 1.0))  # bf16 / fp32: no scaler
-    assert fused_allowed(_trainer(scaler, None)) and fused_allowed(_trainer(scaler, 0))
-    assert not fused_allowed(_trainer(scaler, 1.0))
+    assert fused_allowed(_trainer(None, 1.0)) and fused_allowed(_trainer(None, None))
+    assert not fused_allowed(_trainer(scaler, None)) and not fused_allowed(_trainer(scaler, 1.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
