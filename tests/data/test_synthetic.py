@@ -27,6 +27,20 @@ def test_site_data_independent_of_other_sites():
     np.testing.assert_array_equal(alone.image, together.image)
 
 
+def test_sites_generated_in_threads_equal_one_site_at_a_time():
+    """Sites are generated concurrently; each must still get exactly its own stream."""
+    sites = ("UCL", "HK", "BIDMC", "ISBI")
+    together = make_synthetic_sites(sites=sites, seed=5, **SMALL)
+    assert list(together) == list(sites)
+    for site in sites:
+        alone = make_synthetic_sites(sites=(site,), seed=5, **SMALL)[site]
+        for split, cases in alone.items():
+            for a, b in zip(cases, together[site][split], strict=True):
+                assert a.name == b.name
+                np.testing.assert_array_equal(a.image, b.image)
+                np.testing.assert_array_equal(a.mask, b.mask)
+
+
 def test_shapes_dtypes_ranges_and_names():
     sites = make_synthetic_sites(**SMALL)
     assert list(sites) == ["BIDMC", "HK", "I2CVB", "ISBI", "ISBI_1.5", "UCL"]
