@@ -36,9 +36,13 @@ from torch.utils.data import DataLoader
 
 from iopfl_lightning.data import MultiSiteDataModule
 from iopfl_lightning.data.synthetic import SITE_STYLES
-from iopfl_lightning.federated import FederatedTrainer
+from iopfl_lightning.federated import FederatedTrainer, methods_basic
 from iopfl_lightning.federated import callback as callback_module
-from iopfl_lightning.federated.aggregate import FlatAccumulator, UpdateAccumulator
+from iopfl_lightning.federated.aggregate import (
+    FlatAccumulator,
+    ServerOptimizer,
+    UpdateAccumulator,
+)
 from iopfl_lightning.modules import SegmentationModule
 from iopfl_lightning.modules.losses import SegmentationLoss
 from iopfl_lightning.nets import build_net
@@ -145,13 +149,16 @@ class _TorchProfileLastRound(pl.Callback):
 
 
 # The calls inside a client switch (``--switch-parts``): where its host time goes. The
-# callback module's names are what the callback calls, so they are wrapped there.
+# callback module's names are what the callback calls, so they are wrapped there (the EMA
+# likewise in the methods module that calls it).
 SWITCH_PARTS = {
     "optimizer reset": (callback_module, "reset_optimizer_state"),
     "NaN/inf check": (callback_module, "all_finite"),
     "load weights": (callback_module, "copy_into"),
     "accumulator add (flat)": (FlatAccumulator, "add"),
     "accumulator add (per tensor)": (UpdateAccumulator, "add"),
+    "EMA update": (methods_basic, "ema_update"),  # the personalized copy
+    "server step": (ServerOptimizer, "step"),  # aggregation: the new global parameters
 }
 
 

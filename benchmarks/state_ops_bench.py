@@ -27,7 +27,11 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from iopfl_lightning.federated.aggregate import FlatAccumulator, UpdateAccumulator
+from iopfl_lightning.federated.aggregate import (
+    FlatAccumulator,
+    ServerOptimizer,
+    UpdateAccumulator,
+)
 from iopfl_lightning.federated.flat import as_flat, detached_views, flatten_module
 from iopfl_lightning.federated.personalize import ema_update
 from iopfl_lightning.federated.state import all_finite, copy_into, live_state
@@ -79,6 +83,24 @@ def old_ema(previous, local, alpha=ALPHA):
         else:
             p.copy_(w)
     return previous
+
+
+class OldServer:
+    """``ServerOptimizer`` (FedAvg) as it was: one negation per key, PyTorch's default SGD
+    (a Python loop over the parameters on the CPU, foreach on CUDA)."""
+
+    def __init__(self, params):
+        self.keys = list(params)
+        self.params = [torch.nn.Parameter(params[k].detach().clone()) for k in self.keys]
+        self.optimizer = torch.optim.SGD(self.params, lr=1.0)
+
+    @torch.no_grad()
+    def step(self, mean_delta):
+        for k, p in zip(self.keys, self.params, strict=True):
+            p.grad = -mean_delta[k].to(p.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: p.detach() for k, p in zip(self.keys, self.params, strict=True)}
 
 
 def new_mean(acc: UpdateAccumulator | FlatAccumulator):
@@ -171,6 +193,12 @@ def main() -> None:
     old1, new1, flat1 = accumulators(1)  # steady state: the sums exist, add() folds into them
     old5, new5, flat5 = accumulators(len(COUNTS))
     ema_old, ema_new, ema_flat = _clone(global_state), _clone(global_state), as_flat(global_state, layout)
+    global_params = {k: v for k, v in global_state.items() if k in param_keys}
+    server_old, server_new = OldServer(global_params), ServerOptimizer(global_params)
+    server_flat = ServerOptimizer(global_params)
+    flat_server_global = as_flat(global_state, layout)  # the server steps its views in place
+    server_flat.bind({k: v for k, v in flat_server_global.items() if k in param_keys})
+    delta_new, delta_flat = new5.mean_delta(), flat5.mean_delta()
 
     def load_old():
         reference.load_state_dict(clients[0])
@@ -197,6 +225,9 @@ def main() -> None:
                        lambda: ema_update(ema_new, clients[2], ALPHA),
                        lambda: ema_update(ema_flat, flat_clients[2], ALPHA), True),
         "mean of 5 clients": (old5.mean, lambda: new_mean(new5), lambda: new_mean(flat5), True),
+        "server step (FedAvg)": (lambda: server_old.step(delta_new),
+                                 lambda: server_new.step(delta_new),
+                                 lambda: server_flat.step(delta_flat), True),
     }
     rows = []
     for name, (old, new, flat, compare) in cases.items():

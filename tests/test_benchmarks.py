@@ -264,13 +264,16 @@ def test_switch_parts_times_the_calls_inside_a_switch_and_puts_them_back(monkeyp
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import run
 
-    from iopfl_lightning.federated import callback, state
-    from iopfl_lightning.federated.aggregate import FlatAccumulator
+    from iopfl_lightning.federated import callback, methods_basic, personalize, state
+    from iopfl_lightning.federated.aggregate import FlatAccumulator, ServerOptimizer
 
-    add = FlatAccumulator.add
+    add, step = FlatAccumulator.add, ServerOptimizer.step
     data = run.main(["--preset", "tiny", "--only", "federated", "--switch-parts"])
     parts = data["federated"]["lightning"]["switch_parts_ms"]
-    for label in ("optimizer reset", "NaN/inf check", "load weights", "accumulator add (flat)"):
+    for label in ("optimizer reset", "NaN/inf check", "load weights", "accumulator add (flat)",
+                  "EMA update", "server step"):
         assert parts[label]["n"] > 0 and parts[label]["median"] > 0, label
     assert callback.reset_optimizer_state is state.reset_optimizer_state  # unwrapped after
     assert callback.all_finite is state.all_finite and FlatAccumulator.add is add
+    assert methods_basic.ema_update is personalize.ema_update
+    assert ServerOptimizer.step is step

@@ -70,3 +70,29 @@ def test_errors_are_explicit():
         acc.add({"w": torch.ones(1)}, 0.0)
     with pytest.raises(RuntimeError, match="no client"):
         acc.mean_delta()
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
+def test_server_step_equals_the_per_tensor_optimizer_loop(name):
+    """The server negates the mean update with grouped foreach ops and steps a foreach
+    optimizer; on the CPU that must be bitwise the textbook per-tensor loop, whatever the
+    tensors' dtypes (a float64 delta for a float32 parameter is cast, as before)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a": (8, 3, 3, 3), "b": (8,), "c": (16, 8, 3, 3), "d": (2, 16, 1, 1)}
+    start = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    server = ServerOptimizer(start, name=name, lr=0.5, momentum=0.8)
+    ref = [torch.nn.Parameter(v.clone()) for v in start.values()]
+    ref_opt = (torch.optim.Adam(ref, lr=0.5, betas=(0.9, 0.99), eps=1e-3, foreach=False)
+               if name == "fedadam" else
+               torch.optim.SGD(ref, lr=0.5, momentum=0.8 if name == "fedavgm" else 0.0,
+                               foreach=False))
+    for step in range(3):
+        delta = {k: torch.randn(s, generator=gen, dtype=torch.float64 if k == "b" else None)
+                 for k, s in shapes.items()}
+        new = server.step(delta)
+        for p, d in zip(ref, delta.values(), strict=True):
+            p.grad = -d.to(p.dtype)
+        ref_opt.step()
+        for k, p in zip(shapes, ref, strict=True):
+            assert new[k].dtype == torch.float32
+            assert torch.equal(new[k], p.detach()), (name, step, k)
