@@ -20,10 +20,12 @@
 #    on a GPU before);
 # 4. runs the GPU-only tests (the ones CI skips: benchmark on CUDA, state ops, routed mixing,
 #    device cache, metrics, fused Adam, background checkpoint writes; the CPU suite is CI's job);
-# 5. if time is left (< 420 s so far), the federated rounds once more under Lightning's
-#    SimpleProfiler and torch.profiler (host time per hook, ops by host and GPU time) with the
-#    calls inside a client switch timed (--switch-parts); not a throughput figure: profilers
-#    add overhead;
+# 5. if time is left (< PROFILE_BEFORE s so far, default 480; the run is estimated at 35-40 s:
+#    59 s in session 5, 32 of them generating data, which is now threaded), the
+#    federated rounds once more under Lightning's SimpleProfiler and torch.profiler (host time
+#    per hook, ops by host and GPU time) with the calls inside a client switch timed
+#    (--switch-parts: optimizer reset, NaN/inf check, loading, accumulator add, EMA, server
+#    step); not a throughput figure: profilers add overhead;
 # 6. report.md: the figures and issue 8's targets as markdown for docs/performance.md.
 # Writes log.txt (everything printed), the JSON and report.md into $OUT (or the first argument):
 # six files, within what the device tool brings back (8). Run from the repository root:
@@ -81,7 +83,7 @@ else
   echo "skipped the GPU-only tests (${SECONDS}s elapsed)"
 fi
 echo "elapsed ${SECONDS}s"
-if [ "$SECONDS" -lt 420 ]; then
+if [ "$SECONDS" -lt "${PROFILE_BEFORE:-480}" ]; then
   $PY benchmarks/run.py "${SETTING[@]}" --only federated --profile \
     --torch-profile --switch-parts --rounds 3 --out "$OUT/paper_profile.json" || status=1
 else
