@@ -1,6 +1,7 @@
 """Host cost of a client switch and of an aggregation: per-key loops, grouped foreach ops, flat.
 
-The paper UNet (features 32, 7.77 M parameters, 118 state tensors) and, for each step, the old
+The paper UNet (features 32, 7.77 M parameters, 118 state tensors; ``--features`` for another
+width) and, for each step, the old
 way (``load_state_dict`` / ``state_dict`` and the per-key Python loops as they were, written out
 here) against the project's per-tensor way (``copy_into`` / ``live_state``,
 ``UpdateAccumulator``, ``ema_update``, ``all_finite``: grouped foreach ops, ``flat_state=False``)
@@ -158,12 +159,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--features", type=int, default=32,
+                        help="UNet width (32: the paper's; a small one leaves only host work)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    net = build_net("unet", in_channels=3, num_classes=2, features=32).to(device)
+    net = build_net("unet", in_channels=3, num_classes=2, features=args.features).to(device)
     global_state = _clone(net.state_dict())
     param_keys = {k for k, _ in net.named_parameters()}
     clients = []
@@ -173,8 +176,8 @@ def main() -> None:
             v.add_(torch.randn_like(v), alpha=0.01) if v.is_floating_point() else v.add_(int(n))
         clients.append(state)
     live = live_state(net)
-    reference = build_net("unet", in_channels=3, num_classes=2, features=32).to(device)
-    flat_net = build_net("unet", in_channels=3, num_classes=2, features=32).to(device)
+    reference = build_net("unet", in_channels=3, num_classes=2, features=args.features).to(device)
+    flat_net = build_net("unet", in_channels=3, num_classes=2, features=args.features).to(device)
     flat_live = flatten_module(flat_net, param_keys)
     layout = flat_live.layout
     flat_global = as_flat(global_state, layout)
@@ -257,6 +260,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": str(device), "torch": torch.__version__, "reps": args.reps,
+                       "features": args.features,
                        "rows": rows}, f, indent=1)
 
 
