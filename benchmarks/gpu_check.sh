@@ -17,7 +17,8 @@
 #    grouped foreach ops (benchmarks/state_ops_bench.py);
 # 3. the federated rounds and the routed step again with torch.compile in reduce-overhead mode
 #    (CUDA graphs; session 5 on an H200: 1.33x for the round; the routed step never compiled
-#    on a GPU before);
+#    on a GPU before); the routed step there only eager and compiled (--routed-only-compiled:
+#    step 2 measured its other variants);
 # 4. runs the GPU-only tests (the ones CI skips: benchmark on CUDA, state ops, routed mixing,
 #    device cache, metrics, fused Adam, background checkpoint writes; the CPU suite is CI's job);
 # 5. if time is left (< PROFILE_BEFORE s so far, default 480; the run is estimated at 35-40 s:
@@ -67,7 +68,8 @@ echo "elapsed ${SECONDS}s"
 # the tests run only while there is time left; report.md is always written.
 if [ "$DEVICE" = cuda ]; then
   timeout "${COMPILE_LIMIT:-270}" $PY benchmarks/run.py "${SETTING[@]}" --only federated routed \
-    --compile --compile-mode reduce-overhead --rounds 4 --out "$OUT/paper_compile.json" || status=1
+    --compile --compile-mode reduce-overhead --rounds 4 --routed-only-compiled \
+    --out "$OUT/paper_compile.json" || status=1
 else
   echo "skipped the torch.compile run (device $DEVICE)"
 fi

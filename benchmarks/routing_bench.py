@@ -180,18 +180,23 @@ def auto_steps(module: RoutingModule, x: Tensor, device: torch.device, precision
 def routed_bench(features: int, size: int, batch: int, experts: int, device: torch.device,
                  precision: str, channels_last: bool, steps: int, loop_steps: int,
                  compile_mode: str | None = None, fp16: bool = False,
-                 profile: bool = False) -> dict:
+                 profile: bool = False, only_compiled: bool = False) -> dict:
     """Batched step at ``precision`` (+ channels_last), and the per-sample loop in fp32 (the
     reference's setting), on the same images; with ``compile_mode``, also the batched step
     through ``torch.compile`` of the routed net (``compiled``; its first steps compile); with
     ``fp16``, also the batched step in ``16-mixed`` (``batched_fp16``); with ``profile``, the
-    op table of one default step (``torch_profile``)."""
+    op table of one default step (``torch_profile``). ``only_compiled`` (with
+    ``compile_mode``) keeps the default eager step and the compiled one: for a second run whose
+    other variants an earlier run on the same machine measured."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with tempfile.TemporaryDirectory() as tmp:
         batched = build_module(Path(tmp), features, experts).to(device)
         loop = make_loop(build_module(Path(tmp), features, experts)).to(device)
     torch.manual_seed(1)
     x = torch.randn(batch, 3, size, size, device=device)
+    if only_compiled and compile_mode is not None:
+        return _eager_and_compiled(batched, x, memory_format, device, precision, steps,
+                                   compile_mode)
     check = max_difference(batched, loop, x[: min(batch, 2)])
     mix_check = mix_difference(batched, x[: min(batch, 2)])
     variants = {}
@@ -231,3 +236,14 @@ def routed_bench(features: int, size: int, batch: int, experts: int, device: tor
     out["loop_vs_batched_max_abs_diff"] = check
     out["kernels_vs_outputs_max_abs_diff"] = mix_check
     return out
+
+
+def _eager_and_compiled(module: RoutingModule, x: Tensor, memory_format: torch.memory_format,
+                        device: torch.device, precision: str, steps: int, mode: str) -> dict:
+    """The default eager step (mixing kernels) and the compiled one, on the same images."""
+    set_mix(module.net, "kernels")
+    module.net.to(memory_format=memory_format)
+    x = x.contiguous(memory_format=memory_format)
+    eager = time_steps(module, x, device, precision, steps)
+    return {"batched": eager, "compiled": compiled_steps(module, x, device, precision, steps, mode),
+            "errors": {}, "only_compiled": True}

@@ -106,8 +106,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--routed-profile", action="store_true",
                    help="torch.profiler over one routed step (after its timings): ops by host "
                         "and device time")
+    p.add_argument("--routed-only-compiled", action="store_true",
+                   help="with --compile: the routed step eager (mixing kernels) and compiled "
+                        "only, without the other mixes, formats, precisions and the per-sample "
+                        "loop (the GPU check's compile run: its main run measured those)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = p.parse_args(argv)
+    if args.routed_only_compiled and not args.compile:
+        p.error("--routed-only-compiled needs --compile")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -195,7 +201,8 @@ def run_routed(args, device) -> dict:
     out = routed_bench(args.features, args.routed_size, args.routed_batch, args.experts, device,
                        args.precision, args.channels_last, args.steps, args.loop_steps,
                        compile_mode=args.compile_mode if args.compile else None,
-                       fp16=args.fp16_engine, profile=args.routed_profile)
+                       fp16=args.fp16_engine, profile=args.routed_profile,
+                       only_compiled=args.routed_only_compiled)
     out["config"] = {"features": args.features, "size": args.routed_size,
                      "batch": args.routed_batch, "experts": args.experts,
                      "precision": args.precision, "channels_last": args.channels_last}
@@ -316,7 +323,10 @@ def table(results: dict) -> str:
         lines.append(f"engine time over plain loop: {_fmt(fed['engine_over_plain_time_pct'])}% "
                      f"(best rounds), {_fmt(fed['engine_over_plain_time_pct_median'])}% (median)")
     rt = results.get("routed")
-    if rt:
+    if rt and rt.get("only_compiled"):
+        row(f"routed step, img/s, compiled ({rt['compiled']['mode']}) vs eager",
+            rt["compiled"]["images_per_s"], rt["batched"]["images_per_s"])
+    elif rt:
         b, lp = rt["batched"], rt["loop_fp32"]
         row(f"routed step, img/s (E={rt['config']['experts']}; loop fp32)", b["images_per_s"],
             lp["images_per_s"])

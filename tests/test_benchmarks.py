@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,25 @@ def dry_run(tmp_path_factory):
     return out
 
 
+def test_every_benchmark_command_of_the_gpu_check_parses(monkeypatch):
+    """The dry run skips the GPU-only steps (the compile run): their command lines are at
+    least parsed here, so a wrong flag cannot waste device time."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    marker = 'benchmarks/run.py "${SETTING[@]}"'
+    commands = [line.split(marker, 1)[1].split("||")[0] for line in script.splitlines()
+                if marker in line]
+    assert len(commands) >= 3  # main, compile and profiled runs
+    for command in commands:
+        tokens = shlex.split(command.replace('"$OUT/', '"/tmp/'))
+        args = run.parse(["--preset", "paper", "--device", "cuda", "--workers", "4", *tokens])
+        assert args.out is not None, command
+    compile_run = next(c for c in commands if "--compile" in c)
+    assert "--routed-only-compiled" in compile_run
+
+
 def test_device_check_dry_run_benchmark_json_is_complete(dry_run):
     data = json.loads((dry_run / "paper.json").read_text())
     _check(data)
@@ -189,6 +209,30 @@ def test_routed_bench_times_a_compiled_variant_and_the_report_names_it(monkeypat
     assert out["compiled"]["mode"] == "reduce-overhead"
     lines = report._suggestions({"routed": out}, None)
     assert any(line.startswith("- routing compile:") for line in lines)
+
+
+def test_routed_only_compiled_times_the_eager_and_the_compiled_step_only(monkeypatch):
+    """The GPU check's compile run: its main run measured the other routed variants, so this
+    one times the default eager step and the compiled one, and the report compares those two."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import report
+    import run
+
+    calls = eager_compiles(monkeypatch)
+    with pytest.raises(SystemExit):
+        run.parse(["--routed-only-compiled"])
+    out = run.main(["--preset", "tiny", "--only", "routed", "--compile",
+                    "--routed-only-compiled"])["routed"]
+    assert len(calls) == 1
+    assert out["only_compiled"] and out["batched"]["images_per_s"] > 0
+    assert out["compiled"]["images_per_s"] > 0
+    assert not {"loop_fp32", "variants", "batched_auto", "batched_outputs"} & set(out)
+    main = {"precision": "32-true", "channels_last": False,
+            "routed": {**out, "batched": {**out["batched"], "images_per_s": 1.0}}}
+    del main["routed"]["compiled"], main["routed"]["only_compiled"]
+    lines = report._suggestions(report._with_compiled_routing(main, {"routed": out}), None)
+    line = next(x for x in lines if x.startswith("- routing compile:"))
+    assert f"off {out['batched']['images_per_s']:.1f}" in line  # the compile run's own eager
 
 
 def test_a_failing_comparison_is_recorded_and_the_other_figures_kept(monkeypatch, tmp_path):
