@@ -321,3 +321,14 @@ def test_switch_parts_times_the_calls_inside_a_switch_and_puts_them_back(monkeyp
     assert callback.all_finite is state.all_finite and FlatAccumulator.add is add
     assert methods_basic.ema_update is personalize.ema_update
     assert ServerOptimizer.step is step
+
+
+def test_optim_bench_times_the_three_adams_and_checks_the_cpu_default(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import optim_bench
+
+    rows = optim_bench.main(["--features", "2", "--steps", "3", "--out", str(tmp_path / "o.json")])
+    row = rows[0]
+    assert row["tensors"] > 0 and all(row[f"{n}_ms"] > 0 for n in optim_bench.IMPLEMENTATIONS)
+    assert row["loop_equal"] and row["foreach_equal"]  # what modules.optim.adam relies on
+    assert json.loads((tmp_path / "o.json").read_text())["rows"] == rows

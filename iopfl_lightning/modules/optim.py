@@ -2,7 +2,11 @@
 
 On CUDA, ``fused=True`` runs the whole update in one kernel per dtype group instead of the
 default multi-tensor (foreach) kernels; the arithmetic is the same Adam (differences are at the
-float rounding level). Elsewhere torch's default is kept, so CPU results stay as they were.
+float rounding level). Everywhere else it is the multi-tensor implementation, which PyTorch
+picks by default only on CUDA: on the CPU its foreach ops run the same per-tensor kernels as
+the default Python loop over the parameters, so the results are bitwise the loop's (tested),
+and the step takes 1.2-2x less time (CPU's fused Adam is faster still, but rounds
+differently, so CPU results would no longer repeat those of earlier versions).
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import torch
 
 def adam(params: Iterable[torch.Tensor], fused_ok: bool = True, **kwargs) -> torch.optim.Adam:
     """``torch.optim.Adam``, fused when every parameter is a CUDA float tensor and
-    ``fused_ok`` (see ``fused_allowed``)."""
+    ``fused_ok`` (see ``fused_allowed``), else the multi-tensor (foreach) implementation."""
     params = list(params)
     on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, fused=True if on_cuda and fused_ok else None, **kwargs)
+    if on_cuda and fused_ok:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
 def fused_allowed(trainer: Any) -> bool:
