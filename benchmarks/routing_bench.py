@@ -189,12 +189,13 @@ def routed_bench(features: int, size: int, batch: int, experts: int, device: tor
     ``compile_mode``) keeps the default eager step and the compiled one: for a second run whose
     other variants an earlier run on the same machine measured."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    lean = only_compiled and compile_mode is not None
     with tempfile.TemporaryDirectory() as tmp:
         batched = build_module(Path(tmp), features, experts).to(device)
-        loop = make_loop(build_module(Path(tmp), features, experts)).to(device)
+        loop = None if lean else make_loop(build_module(Path(tmp), features, experts)).to(device)
     torch.manual_seed(1)
     x = torch.randn(batch, 3, size, size, device=device)
-    if only_compiled and compile_mode is not None:
+    if lean:
         return _eager_and_compiled(batched, x, memory_format, device, precision, steps,
                                    compile_mode)
     check = max_difference(batched, loop, x[: min(batch, 2)])
