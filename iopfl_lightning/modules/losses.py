@@ -23,6 +23,10 @@ class SegmentationLoss(nn.Module):
         self.dice = DiceLoss(mode="multiclass", from_logits=True)
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
+        # In fp32 whatever the autocast: CUDA's autocast runs softmax in fp32 but the CPU's
+        # does not, and a bf16 soft Dice (per-class sums over every pixel of the batch) trained
+        # worse personalized models on the CPU. A no-op for fp32 logits.
+        logits = logits.float()
         loss = self.dice(logits, mask)
         if self.name == "dice_ce":
             loss = loss + self.ce_weight * F.cross_entropy(logits, mask)
