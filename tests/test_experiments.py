@@ -68,6 +68,20 @@ def test_gpu_overlay_on_the_prostate_inside_twin_runs_on_cpu(tmp_path):
     assert cfg["model"]["init_args"]["channels_last"] is True and cfg["data"]["device_cache"]
 
 
+def test_cpu_bf16_overlay_trains_the_prostate_inside_twin_in_bf16_channels_last(tmp_path):
+    sites = make_synthetic_sites(
+        cases_per_split={"train": 1, "val": 1, "test": 1}, slices=3, size=32, seed=1
+    )
+    write_iopfl_npy(sites, tmp_path / "data")
+    rows = fit_rows("prostate_inside_tiny.yaml", tmp_path, "--config",
+                    str(REPO / "experiments" / "cpu_bf16.yaml"), "--data.root",
+                    str(tmp_path / "data"))
+    assert {r["site"] for r in rows} == set(sites)
+    cfg = yaml.safe_load((tmp_path / "version_0" / "config.yaml").read_text())
+    assert cfg["trainer"]["precision"] == "bf16-mixed"
+    assert cfg["model"]["init_args"]["channels_last"] is True
+
+
 def test_gpu_compile_overlay_compiles_the_training_forward(tmp_path, monkeypatch):
     """experiments/gpu_compile.yaml after gpu.yaml: the inside twin trains through
     torch.compile in reduce-overhead mode (the eager backend here: CPU, no code generation)."""
