@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from common import sync
 
 from iopfl_lightning.nets import build_net
 
@@ -35,12 +36,10 @@ def time_adam(start: list[torch.Tensor], options: dict, steps: int, weight_decay
     for _ in range(steps):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         began = time.perf_counter()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         times.append((time.perf_counter() - began) * 1e3)
     return [p.detach() for p in params], statistics.median(times[1:])
 
