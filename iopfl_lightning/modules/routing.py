@@ -186,6 +186,7 @@ class RoutingModule(pl.LightningModule):
         self._mixtures = MixtureMeter()  # of the pass that is reported (see module doc)
         self._steps = 0
         self.test_results: list[dict] = []
+        self.train()  # the norm mode's layer modes from the start (nn.Module starts in train)
 
     @staticmethod
     def _check_args(gate, start, norm, shape_loss, eval_mode, baselines, lr, noise_std,
@@ -264,6 +265,9 @@ class RoutingModule(pl.LightningModule):
         set_mixture_recording(self.net, True)
 
     def on_train_epoch_start(self) -> None:
+        # Lightning does not call train() when fitting starts (it keeps each layer's mode), so
+        # the norm mode's layer modes are set here, for every pass.
+        self.train()
         self._mixtures.reset()  # online mode reports the last pass: average its mixtures only
 
     def on_fit_end(self) -> None:

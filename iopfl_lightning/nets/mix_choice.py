@@ -84,19 +84,22 @@ def choose_mixes(net: nn.Module, run: Callable[[], object], reps: int = 3) -> di
     layer's ``mix`` to the faster, and return ``{layer: {"kernels": s, "outputs": s,
     "chosen": mix}}``. Other routed layers keep their mix.
 
-    The capture runs in eval mode (no running statistics move) and the random number streams
-    are left as they were (router dropout draws during the timing), so choosing changes no
+    The capture runs in eval mode (no running statistics move; every submodule's mode is put
+    back as it was) and the random number streams are left as they were (router dropout draws during the timing), so choosing changes no
     result beyond the float rounding of the chosen mixes."""
     layers = dict(routed_layers(net))
     devices = sorted({str(p.device) for p in net.parameters() if p.device.type == "cuda"})
-    was_training = net.training
+    # Each submodule's own mode, not net.train(...): a caller may keep some layers in eval
+    # mode inside a training net (RoutingModule's norm="running" BatchNorms).
+    modes = [(m, m.training) for m in net.modules()]
     report = {}
     with torch.random.fork_rng(devices=devices):
         try:
             net.eval()
             inputs = layer_inputs(net, run)
         finally:
-            net.train(was_training)
+            for module, training in modes:
+                module.training = training
         for name, x in inputs.items():
             times = {mix: time_layer(layers[name], x, mix, reps) for mix in MIXES}
             chosen = min(times, key=times.get)

@@ -133,12 +133,16 @@ def build_routed_net(
     Raises:
         ValueError: fewer than 2 states, a state whose keys or shapes differ from ``net``
             (naming the key, its layer, the expert index and both shapes), a net with nothing
-            to route, an already routed net, or a layer subclass with its own forward.
+            to route, an already routed net, a net that is itself a routable layer, or a
+            layer subclass with its own forward.
     """
     config = RouterConfig(gate=gate, start=start, hidden=hidden, normalize=normalize,
                           global_eps=global_eps, dropout=dropout)
     if any(isinstance(m, RoutedLayer) for m in net.modules()):
         raise ValueError("net is already routed")
+    if isinstance(net, _ROUTABLE):
+        raise ValueError(f"net is a bare {type(net).__name__}: a routed layer replaces a "
+                         "submodule, so wrap it (e.g. nn.Sequential(layer))")
     if any(isinstance(m, nn.MultiheadAttention) for m in net.modules()):
         raise ValueError("nn.MultiheadAttention reads its projection weights directly and "
                          "cannot be routed")

@@ -125,6 +125,34 @@ def test_uniform_start_is_the_uniform_weight_average(space):
         assert not torch.allclose(functional_call(module.plain, states[-1], (x,)), expected)
 
 
+def _running_statistics(module: RoutingModule) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": value.clone() for name, net in module.adapted_nets().items()
+            for key, value in net.state_dict().items() if "running" in key}
+
+
+@pytest.mark.parametrize("mode,mix", [("offline", "kernels"), ("online", "kernels"),
+                                      ("offline", "auto")])
+def test_running_norm_fits_with_the_running_statistics_and_never_moves_them(
+        space, tmp_path, mode, mix):
+    """``norm="running"``: every BatchNorm forward of the adapted nets while fitting is in eval
+    mode, so the stored statistics normalise and stay as they were. Lightning does not call
+    ``train()`` when fitting starts, and ``mix="auto"`` times the layers in eval mode first."""
+    module = RoutingModule(space, norm="running", eval_mode=mode, baselines=["tent"], mix=mix)
+    before = _running_statistics(module)
+    modes = []
+    for net in module.adapted_nets().values():
+        for layer in net.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    tiny_trainer(1, [], tmp_path).fit(module, datamodule=outside_dm())
+    assert modes and not any(modes)
+    after = _running_statistics(module)
+    assert before.keys() == after.keys() and before
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert module.net.training and all(r.training for _, layer in routed_layers(module.net)
+                                       for r in [layer.router])
+
+
 def test_mix_and_memory_format_fit_the_same_routers(space):
     """``mix="outputs"`` and ``channels_last`` are other ways to compute the same routed step:
     same objective and router gradients as the default, to float rounding."""

@@ -437,6 +437,9 @@ def test_extra_key_and_bad_options_and_rerouting():
         build_routed_net(net, good, start="zeros")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="already routed"):
         build_routed_net(build_routed_net(net, good), good)
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.raises(ValueError, match="bare Conv2d.*nn.Sequential"):
+        build_routed_net(conv, [conv.state_dict(), conv.state_dict()])
 
 
 def test_net_is_not_modified():
