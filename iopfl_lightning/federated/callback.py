@@ -174,6 +174,7 @@ class FederatedTrainer(Callback):
         self._client: int | None = None
         self.run_id: str | None = None
         self.nonfinite: list[tuple[int, str]] = []  # (round, site) of every skipped client
+        self._warned_mid_round = False
 
     # ---------------------------------------------------------------- setup
     def participants(self, round_idx: int) -> list[int]:
@@ -193,8 +194,7 @@ class FederatedTrainer(Callback):
         self.sites = sites
         self.sample_counts = [int(n) for n in datamodule.client_sample_counts()]
         if stage == "fit":
-            if trainer.val_check_interval != 1.0:
-                raise ValueError("FederatedTrainer needs val_check_interval=1.0 (one round = one epoch)")
+            _check_round_is_epoch(trainer)
             pooled = {"pooled": True} if self.method.pooled else {}  # centralized only
             datamodule.configure_rounds(self.participants, self.local_epochs, **pooled)
             if self.client_fraction < 1.0 and trainer.reload_dataloaders_every_n_epochs != 1:
@@ -318,12 +318,31 @@ class FederatedTrainer(Callback):
         """Between rounds the trainer's optimizer moments are dead: every client start clears
         them or loads the client's own (kept in this callback's state). Saving them would add
         three model-sized tensors (Adam with amsgrad) to each round's checkpoint, so a
-        round-boundary checkpoint keeps only the optimizers' hyperparameters."""
+        round-boundary checkpoint keeps only the optimizers' hyperparameters. A checkpoint
+        saved mid-round (a step-based schedule, a Ctrl-C) is written but cannot be resumed."""
+        if self._accumulator is not None and not self._warned_mid_round:
+            self._warned_mid_round = True
+            log.warning("a checkpoint saved in the middle of round %d (step %d) cannot be "
+                        "resumed: save checkpoints at round ends (every_n_epochs, the default)",
+                        self.round, trainer.global_step)
         if self._client is None and "optimizer_states" in checkpoint:
             checkpoint["optimizer_states"] = [
                 {"state": {}, "param_groups": saved["param_groups"]}
                 for saved in checkpoint["optimizer_states"]
             ]
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Refuse a checkpoint saved in the middle of a round: the round's partial aggregate
+        (and which clients already folded into it) is not saved, so it cannot resume exactly."""
+        mine = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        if mine.get("mid_round"):
+            raise ValueError(
+                f"checkpoint {trainer.ckpt_path!r} was saved in the middle of round "
+                f"{mine.get('round')} (step {checkpoint.get('global_step')}); federated state "
+                "is complete only between rounds. Resume from a checkpoint saved at a round's "
+                "end (the run's per-round checkpoints, e.g. last.ckpt)")
 
     # ---------------------------------------------------------------- steps
     def _start_client(self, trainer: pl.Trainer, pl_module: pl.LightningModule, client: int) -> None:
@@ -374,7 +393,9 @@ class FederatedTrainer(Callback):
         if self.method.aggregate:
             self._accumulator.add(local, float(self.sample_counts[client]))
         personal = self.method.update_personal(self.personalized.get(client), local, client)
-        if personal is not None:
+        if personal is not None and self.method.trains_personal and not all_finite(personal):
+            self._nonfinite_personal(client)
+        elif personal is not None:
             self.personalized[client] = personal
         if self._local_keys:
             self.local_norms[client] = clone_state(subset(local, self._local_keys))
@@ -397,6 +418,15 @@ class FederatedTrainer(Callback):
         )
         self.nonfinite.append((self.round, site))
         self.client_optimizer_states.pop(client, None)  # its moments may be NaN too
+
+    def _nonfinite_personal(self, client: int) -> None:
+        """Keeps the previous copy when the method's own personal model went NaN/inf (or stops
+        the run); the client's shared update was finite and stays in the aggregate."""
+        message = (f"round {self.round}: the {self.method.name} personal model of client "
+                   f"{client} ({self.sites[client]!r}) has NaN/inf weights")
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(f"{message} (on_nonfinite='raise')")
+        log.warning("%s; its personalized copy is unchanged", message)
 
     def _finish_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._accumulator is None:
@@ -466,6 +496,8 @@ class FederatedTrainer(Callback):
             "method": {"name": self.method.name, "state": self.method.state_dict()},
             "run_id": self.run_id,
             "nonfinite": list(self.nonfinite),
+            # mid-round, the finished clients' partial aggregate is not in the state (below)
+            "mid_round": self._accumulator is not None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -496,6 +528,19 @@ class FederatedTrainer(Callback):
         self.method.load_state_dict(method["state"])
         self.run_id = state_dict.get("run_id")
         self.nonfinite = [(int(r), str(s)) for r, s in state_dict.get("nonfinite", [])]
+
+
+def _check_round_is_epoch(trainer: pl.Trainer) -> None:
+    """Refuse Trainer settings that break "one round = one epoch, clients one after another"."""
+    interval = trainer.val_check_interval
+    if not (isinstance(interval, float) and interval == 1.0):  # an int 1 means every batch
+        raise ValueError(f"FederatedTrainer needs val_check_interval=1.0 (one round = one "
+                         f"epoch), got {interval!r}")
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"FederatedTrainer switches clients between batches, so accumulate_grad_batches="
+            f"{trainer.accumulate_grad_batches} would step one client's model with another's "
+            "gradients; set it to 1 (a larger data.batch_size accumulates nothing across sites)")
 
 
 def _client_of(batch: Any) -> int:

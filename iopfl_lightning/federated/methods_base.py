@@ -56,6 +56,9 @@ class FederatedMethod:
             callback's ``optimizer_state`` says (None: follow the callback).
         deployed: which evaluated model the method puts at each inside site
             (``global`` or ``personalized``); the comparison table reports that one.
+        trains_personal: the personalized copy is trained by the method itself (Ditto), not
+            mixed from checked states (an EMA of finite weights is finite), so the callback
+            checks it for NaN/inf as well.
     """
 
     name: ClassVar[str] = "base"
@@ -63,6 +66,7 @@ class FederatedMethod:
     pooled: ClassVar[bool] = False
     keep_optimizer: ClassVar[bool | None] = None
     deployed: ClassVar[Literal["global", "personalized"]] = "global"
+    trains_personal: ClassVar[bool] = False
 
     def setup(self, net: torch.nn.Module, param_keys: set[str], norm_keys: set[str]) -> None:
         """Called once the net exists (start of fit); compute key sets here."""

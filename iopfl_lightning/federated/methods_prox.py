@@ -73,6 +73,7 @@ class Ditto(_Proximal):
     """
 
     deployed = "personalized"
+    trains_personal = True
 
     def __init__(self, lam: float = 0.1, lr: float | None = None):
         self.lam = _check_nonnegative("lam", lam)

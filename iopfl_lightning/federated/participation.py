@@ -20,7 +20,8 @@ def select_clients(num_clients: int, fraction: float, seed: int, round_idx: int)
         raise ValueError(f"client_fraction must be in (0, 1], got {fraction}")
     if fraction == 1.0:
         return list(range(num_clients))
-    count = max(1, math.ceil(fraction * num_clients))
+    # rounded first: 0.07 * 100 is 7.000000000000001 in floats, which must not draw 8
+    count = max(1, math.ceil(round(fraction * num_clients, 9)))
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(round_idx))
     chosen = torch.randperm(num_clients, generator=gen)[:count]
     return sorted(int(i) for i in chosen)

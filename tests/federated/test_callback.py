@@ -248,3 +248,36 @@ def test_evaluating_every_other_round_trains_the_same_federation(tmp_path):
     assert evaluated == [1, 3]
     assert every_other.round == every_round.round == 4
     _assert_same_federation(every_round, every_other)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"val_check_interval": 1}, "val_check_interval=1.0.*got 1$"),  # an int: every batch
+    ({"val_check_interval": 0.5}, "val_check_interval=1.0"),
+    ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2 would step one client"),
+])
+def test_trainer_settings_that_break_rounds_are_refused(tmp_path, overrides, match):
+    trainer = tiny_trainer(1, [FederatedTrainer()], tmp_path, **overrides)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(tiny_module(), datamodule=tiny_datamodule())
+
+
+def test_mid_round_checkpoint_is_refused_with_its_path_and_round_end_one_resumes(tmp_path,
+                                                                                  caplog):
+    """A checkpoint saved between client switches lacks the round's partial aggregate: resuming
+    it is refused with a message naming the file, while the round-end checkpoint resumes."""
+    steps = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=4, save_top_k=-1,
+                            filename="{step}")
+    rounds = ModelCheckpoint(dirpath=tmp_path / "rounds", save_top_k=-1, filename="{epoch}")
+    with caplog.at_level("WARNING", logger="iopfl_lightning.federated.callback"):
+        tiny_trainer(1, [FederatedTrainer(), steps, rounds], tmp_path, limit_val_batches=0,
+                     enable_checkpointing=True).fit(tiny_module(), datamodule=tiny_datamodule())
+    assert "middle of round 0 (step 4) cannot be resumed" in caplog.text
+    mid = tmp_path / "steps" / "step=4.ckpt"
+    with pytest.raises(ValueError, match=rf"checkpoint '{mid}' was saved in the middle of "
+                                         r"round 0 \(step 4\)"):
+        tiny_trainer(2, [FederatedTrainer()], tmp_path / "a").fit(
+            tiny_module(), datamodule=tiny_datamodule(), ckpt_path=str(mid))
+    fed = FederatedTrainer()
+    tiny_trainer(2, [fed], tmp_path / "b").fit(
+        tiny_module(), datamodule=tiny_datamodule(), ckpt_path=str(tmp_path / "rounds" / "epoch=0.ckpt"))
+    assert fed.round == 2

@@ -97,3 +97,18 @@ def test_raise_option_stops_with_a_clear_error(tmp_path):
 def test_on_nonfinite_choice_is_validated():
     with pytest.raises(ValueError, match="on_nonfinite"):
         FederatedTrainer(on_nonfinite="ignore")
+
+
+def test_a_method_trained_personal_model_that_diverges_is_checked_too(tmp_path, caplog):
+    """Ditto trains its personal model itself: a NaN/inf one is not kept as the site's copy
+    (the shared update was finite and still counts), or the run stops with ``raise``."""
+    diverging = {"method": "ditto", "method_args": {"lam": 0.1, "lr": 1e30}}
+    fed = FederatedTrainer(**diverging)
+    with caplog.at_level(logging.WARNING, logger="iopfl_lightning.federated.callback"):
+        tiny_trainer(1, [fed], tmp_path / "skip", limit_val_batches=0).fit(
+            tiny_module(), datamodule=tiny_datamodule())
+    assert "the ditto personal model of client 0 ('BIDMC') has NaN/inf weights" in caplog.text
+    assert fed.personalized == {} and fed.nonfinite == [] and all_finite(fed.global_state)
+    with pytest.raises(FloatingPointError, match="ditto personal model.*on_nonfinite='raise'"):
+        tiny_trainer(1, [FederatedTrainer(**diverging, on_nonfinite="raise")], tmp_path / "raise",
+                     limit_val_batches=0).fit(tiny_module(), datamodule=tiny_datamodule())

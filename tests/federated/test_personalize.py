@@ -24,6 +24,9 @@ def test_alpha_outside_unit_interval_is_refused(alpha):
 
 def test_client_selection_is_seeded_and_sized():
     assert select_clients(5, 1.0, 0, 3) == [0, 1, 2, 3, 4]
+    # 0.07 * 100 is 7.000000000000001 in floats: still 7 clients, not 8
+    assert [len(select_clients(n, f, 0, 0)) for n, f in ((100, 0.07), (25, 0.28), (50, 0.14))
+            ] == [7, 7, 7]
     a = select_clients(6, 0.5, seed=1, round_idx=4)
     assert a == select_clients(6, 0.5, seed=1, round_idx=4) and len(a) == 3 and a == sorted(a)
     rounds = {tuple(select_clients(6, 0.5, seed=1, round_idx=r)) for r in range(10)}
