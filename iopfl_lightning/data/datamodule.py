@@ -30,7 +30,7 @@ from .dataset import Normalize, SiteDataset, TransformSpec, build_transform
 from .device_cache import CachedSite
 from .fundus import FUNDUS_DOMAINS, read_fundus
 from .npy import PROSTATE_SITES, read_iopfl_npy
-from .png_slices import PNG_SITE_ALIASES, read_png_slices
+from .png_slices import PNG_SITE_ALIASES, folder_name, read_png_slices
 from .sampler import ClientBatchSampler, Participants
 from .synthetic import SITE_STYLES, make_synthetic_sites
 
@@ -161,6 +161,8 @@ class MultiSiteDataModule(LightningDataModule):
         if sites is None:
             sites = default_sites(format, self.root)
         self.sites = _check_sites(sites, known_sites(format, self.root))
+        if format == "png_slices":
+            _refuse_shared_folders(self.sites, self.root)
         self.outside_sites = _check_outside(outside, self.sites)
         if train_on == "outside" and len(self.outside_sites) != 1:
             raise ValueError(
@@ -408,6 +410,18 @@ def _check_sites(sites: list[str], valid: list[str]) -> list[str]:
     if not sites:
         raise ValueError("sites: empty list; give at least one site or None for all")
     return list(sites)
+
+
+def _refuse_shared_folders(sites: list[str], root: Path) -> None:
+    """An IOP-FL name and its hospital alias (ISBI, RUNMC) would read one folder twice: the
+    same images as two sites, possibly one inside and one "unseen" outside."""
+    by_folder: dict[str, list[str]] = {}
+    for site in sites:
+        by_folder.setdefault(folder_name(root, site), []).append(site)
+    shared = {folder: names for folder, names in by_folder.items() if len(names) > 1}
+    if shared:
+        folder, names = next(iter(shared.items()))
+        raise ValueError(f"sites: {names} all read folder {root / folder}; list that site once")
 
 
 def _check_outside(outside: list[str] | str | None, sites: list[str]) -> list[str]:

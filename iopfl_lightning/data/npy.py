@@ -48,6 +48,18 @@ def read_split_list(path: Path) -> list[str]:
     return names
 
 
+def _refuse_shared_cases(root: Path, site: str, lists: dict[str, list[str]]) -> None:
+    """A case in two split lists would be trained on and then scored as unseen."""
+    first: dict[str, str] = {}
+    for split, names in lists.items():
+        for name in names:
+            if name in first:
+                raise DataError(f"case {name!r} of site {site!r} is listed in both "
+                                f"{split_file(root, site, first[name])} and "
+                                f"{split_file(root, site, split)}: a case belongs to one split")
+            first[name] = split
+
+
 def _load(path: Path) -> np.ndarray:
     """Memory-map one ``.npy`` file, naming it if it is missing or unreadable."""
     require_path(path, "case file")
@@ -80,14 +92,15 @@ def read_iopfl_npy(
         num_classes: labels must lie in ``[0, num_classes)``.
 
     Raises:
-        DataError: missing folder/list/file, shape mismatch, NaN/inf, bad label, empty site.
+        DataError: missing folder/list/file, a case in two split lists, shape mismatch,
+            NaN/inf, bad label, empty site.
     """
     root = Path(root)
     site_dir = require_path(root / site, f"site folder of {site!r}")
-    out: SiteSplits = {}
-    for split in splits:
-        names = read_split_list(split_file(root, site, split))
-        out[split] = [read_npy_case(site_dir, name, num_classes) for name in names]
+    lists = {split: read_split_list(split_file(root, site, split)) for split in splits}
+    _refuse_shared_cases(root, site, lists)
+    out: SiteSplits = {split: [read_npy_case(site_dir, name, num_classes) for name in names]
+                       for split, names in lists.items()}
     if not any(case.num_slices for cases in out.values() for case in cases):
         raise DataError(f"site {site!r} has no samples under {root}")
     log.info("read %s from %s: %s", site, root, {k: len(v) for k, v in out.items()})

@@ -2,8 +2,9 @@
 
 ``CC`` is the case and ``SS`` the slice number. Slices of one case are stacked in slice order and
 each slice gets 3 channels from its neighbours (i-1, i, i+1, clamped at the ends of the case), the
-same input the IOP-FL prostate format stores. Images are read as 8-bit grey and scaled to
-``[0, 1]`` float32 (``/ 255``); any further intensity normalisation is the datamodule's choice.
+same input the IOP-FL prostate format stores. Images are read as 8-bit grey (colour converted)
+or as 16-bit grey and scaled to ``[0, 1]`` float32 by their bit depth (``/ 255`` or
+``/ 65535``); any further intensity normalisation is the datamodule's choice.
 
 Masks hold two declared grey values (default 0 and 255). With ``mask_inverted=True`` (the real
 multi-site sample: 0 = prostate, 255 = background) the low value is the foreground; otherwise the
@@ -32,14 +33,22 @@ PNG_SITE_ALIASES: dict[str, str] = {"ISBI": "RUNMC", "ISBI_1.5": "BMC"}
 _NAME = re.compile(r"^(?P<case>.+)_(?P<slice>\d+)\.png$")
 
 
+def folder_name(root: Path, site: str) -> str:
+    """Name of the folder ``site`` reads: its own, or for an IOP-FL name without one, its
+    hospital's (ISBI -> RUNMC). Nothing is required to exist."""
+    alias = PNG_SITE_ALIASES.get(site)
+    if not (root / site).is_dir() and alias and (root / alias).is_dir():
+        return alias
+    return site
+
+
 def site_folder(root: Path, site: str) -> Path:
     """Folder of ``site``; IOP-FL names fall back to their hospital folder (ISBI -> RUNMC)."""
-    path = root / site
-    alias = PNG_SITE_ALIASES.get(site)
-    if not path.is_dir() and alias and (root / alias).is_dir():
-        log.info("site %s read from folder %s", site, alias)
-        return root / alias
-    return require_path(path, f"site folder of {site!r}")
+    name = folder_name(root, site)
+    if name != site:
+        log.info("site %s read from folder %s", site, name)
+        return root / name
+    return require_path(root / site, f"site folder of {site!r}")
 
 
 def _key(path: Path) -> tuple[str, int]:
@@ -82,10 +91,24 @@ def pair_files(
     return list(zip(images, masks, strict=True))
 
 
+_GREY_16 = ("I;16", "I;16B", "I;16L")  # 16-bit grey PNGs, as Pillow opens them
+
+
 def _read_grey(path: Path) -> np.ndarray:
-    """8-bit grey pixels of ``path`` (colour images are converted to grey)."""
+    """Grey pixels of ``path`` at their own depth: uint8, or uint16 for a 16-bit PNG (which
+    an 8-bit conversion would clip at 255). Colour images are converted to 8-bit grey."""
     with reading(path), Image.open(path) as img:
+        if img.mode in _GREY_16:
+            return np.asarray(img).astype(np.uint16)  # native byte order
+        if img.mode in ("I", "F"):
+            raise DataError(f"{path}: 32-bit PNG mode {img.mode!r} is not supported; save "
+                            "the slices as 8- or 16-bit grey")
         return np.asarray(img if img.mode == "L" else img.convert("L"))
+
+
+def _unit_range(pixels: np.ndarray) -> np.ndarray:
+    """Pixels scaled to ``[0, 1]`` by their bit depth (/ 255 or / 65535)."""
+    return pixels.astype(np.float32) / np.float32(np.iinfo(pixels.dtype).max)
 
 
 def _read_mask(path: Path, values: tuple[int, int], inverted: bool) -> np.ndarray:
@@ -111,7 +134,7 @@ def _build_case(
     """Stack the slices of one case into a validated :class:`Case`."""
     images, masks = [], []
     for image_path, mask_path in pairs:
-        image, mask = _read_grey(image_path), _read_mask(mask_path, values, inverted)
+        image, mask = _unit_range(_read_grey(image_path)), _read_mask(mask_path, values, inverted)
         if image.shape != mask.shape:
             raise DataError(
                 f"image/mask shape mismatch: {image_path} has shape {image.shape}, "
@@ -124,7 +147,7 @@ def _build_case(
             )
         images.append(image)
         masks.append(mask)
-    volume = adjacent_channels(np.stack(images).astype(np.float32) / 255.0)
+    volume = adjacent_channels(np.stack(images))
     source = f"{pairs[0][0].parent}/{name}_*.png"
     return make_case(name, volume, np.stack(masks), 2, source, f"{pairs[0][1].parent}")
 

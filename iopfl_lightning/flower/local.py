@@ -64,7 +64,8 @@ class SiteRuntime:
         self.num_examples = int(self.datamodule.client_sample_counts()[0])
         self.reference = clone_state(self.model.net.state_dict())
         fed = experiment.federation
-        self.alpha, self.local_epochs = fed.alpha, fed.local_epochs
+        # the method's alpha: method_args may override the callback's (as in the engine)
+        self.alpha, self.local_epochs = fed.method.alpha, fed.local_epochs
         self._root = str(folder) if folder is not None else tempfile.mkdtemp(prefix="iopfl-site-")
 
     # ------------------------------------------------------------------ training

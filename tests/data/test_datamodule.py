@@ -122,6 +122,10 @@ def test_npy_png_and_fundus_formats(tmp_path, tiny_sites, real_sample):
     assert dm.client_sample_counts() == [3] * 5 and len(dm.test_dataloader()) == 6
     with pytest.raises(DataError, match="I2CVB"):
         MultiSiteDataModule("png_slices", str(real_sample), pairing="name").setup()
+    # ISBI reads the RUNMC folder: listing both would load one hospital as two sites
+    with pytest.raises(ValueError, match=r"sites: \['ISBI', 'RUNMC'\] all read folder .*RUNMC"):
+        MultiSiteDataModule("png_slices", str(real_sample), sites=["ISBI", "RUNMC", "HK"],
+                            outside=["RUNMC"], pairing="order")
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,16 @@ def test_case_listed_twice(tmp_path, tiny_sites):
         read_iopfl_npy(tmp_path, "HK")
 
 
+def test_case_in_two_split_lists_is_refused_naming_both(tmp_path, tiny_sites):
+    write_iopfl_npy(tiny_sites, tmp_path)
+    train = (tmp_path / "HK_train.txt").read_text().split()
+    with (tmp_path / "HK_test.txt").open("a") as test_list:
+        test_list.write(f"\n{train[0]}\n")
+    with pytest.raises(DataError, match=rf"case '{train[0].removesuffix('.npy')}' of site 'HK' "
+                                        r"is listed in both .*HK_train\.txt and .*HK_test\.txt"):
+        read_iopfl_npy(tmp_path, "HK")
+
+
 def test_missing_split_file_named(tmp_path, tiny_sites):
     write_iopfl_npy(tiny_sites, tmp_path)
     (tmp_path / "HK_val.txt").unlink()

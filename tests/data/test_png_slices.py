@@ -58,6 +58,33 @@ def test_images_scaled_to_unit_range(tmp_path):
     assert out["train"][0].image.max() == 1.0 and out["test"][0].image.max() == 0.0
 
 
+def test_16_bit_slices_are_scaled_by_their_depth_and_32_bit_ones_refused(tmp_path):
+    """A 16-bit export of an 8-bit slice reads as the same image (an 8-bit conversion would
+    clip it at 255: nearly all white); a 16-bit mask is compared with the declared values."""
+    from PIL import Image
+
+    make_site(tmp_path / "8")
+    make_site(tmp_path / "16")
+    for path in (tmp_path / "16/S").glob("*/image/*.png"):
+        pixels = np.asarray(Image.open(path)).astype(np.uint16) * 257  # 8 -> 16 bit, exact
+        Image.fromarray(pixels).save(path)
+        assert Image.open(path).mode == "I;16"
+    eight, sixteen = read_png_slices(tmp_path / "8", "S"), read_png_slices(tmp_path / "16", "S")
+    for split in eight:
+        for a, b in zip(eight[split], sixteen[split], strict=True):
+            np.testing.assert_allclose(b.image, a.image, rtol=1e-6, atol=0)
+            np.testing.assert_array_equal(b.mask, a.mask)
+    mask = tmp_path / "16/S/train/mask/00_00.png"
+    Image.fromarray(_mask().astype(np.uint16) * 257).save(mask)
+    with pytest.raises(DataError, match=r"00_00\.png: mask value 65535 is not one of"):
+        read_png_slices(tmp_path / "16", "S")
+    image = tmp_path / "8/S/train/image/00_00.png"
+    # Pillow writes no 32-bit PNG; older versions open 16-bit ones as mode I, so a TIFF stands in
+    Image.fromarray(np.zeros((SIZE, SIZE), np.int32)).save(image, format="TIFF")
+    with pytest.raises(DataError, match=r"00_00\.png: 32-bit PNG mode 'I' is not supported"):
+        read_png_slices(tmp_path / "8", "S")
+
+
 def test_inverted_masks_map_low_value_to_foreground(tmp_path):
     case = read_png_slices(make_site(tmp_path), "S")["train"][0]
     assert set(np.unique(case.mask)) == {0, 1}

@@ -1,5 +1,7 @@
 """The ClientApp called in-process: what it sends, its EMA copy, and resuming from disk."""
 
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -100,3 +102,17 @@ def test_evaluate_reports_global_and_personalized_models_separately(tmp_path):
     assert metrics["client-index"] == 2 and metrics["test-cases"] == 1
     assert metrics["test-global-dice"] > 0.05  # the untrained net marks (nearly) all foreground
     assert metrics["test-personalized-dice"] == 0.0  # the copy, not the global model, was run
+
+
+def test_site_takes_the_ema_alpha_the_engine_uses(tmp_path):
+    """``method_args: {alpha: ...}`` overrides the callback's ``alpha`` in the engine's method;
+    a Flower site must build its personalized copy with that same alpha."""
+    from iopfl_lightning.flower.local import SiteRuntime
+
+    text = Path(TINY_CONFIG).read_text().replace(
+        "        alpha: 0.1\n", "        alpha: 0.1\n        method_args: {alpha: 0.7}\n")
+    config = tmp_path / "alpha.yaml"
+    config.write_text(text)
+    experiment = load_experiment(str(config))
+    assert experiment.federation.method.alpha == 0.7
+    assert SiteRuntime(experiment, "HK", 1, tmp_path / "HK").alpha == 0.7
