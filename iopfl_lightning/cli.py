@@ -1,4 +1,4 @@
-"""``python -m iopfl_lightning {fit,validate,test,predict} --config FILE`` (also ``iopfl``).
+"""``python -m iopfl_lightning {fit,validate,test} --config FILE`` (also ``iopfl``).
 
 A LightningCLI over any LightningModule of this package (``model.class_path``) and the
 MultiSiteDataModule. After ``fit`` the test split is evaluated with the final weights
@@ -7,8 +7,9 @@ MultiSiteDataModule. After ``fit`` the test split is evaluated with the final we
 Every trainer gets :class:`~iopfl_lightning.checkpoint_io.AtomicCheckpointIO` (atomic checkpoint
 writes, ``weights_only=True`` loads of ``--ckpt_path``) unless another CheckpointIO plugin is given.
 
-The results table is logged (markdown) at the end of ``test``, so ``test`` and ``validate``
-skip Lightning's own metric dump by default (``--verbose true`` brings it back). With wandb as
+The results table is logged (markdown) at the end of ``test``, so ``test`` skips Lightning's
+own metric dump by default (``--verbose true`` brings it back); ``validate`` prints it. There is
+no ``predict``: the modules have no prediction output to write yet. With wandb as
 the logger (:class:`~iopfl_lightning.tracking.WandbRunLogger`) the resolved config goes into
 the wandb run and the run is closed when the command ends.
 """
@@ -51,7 +52,7 @@ class IOPFLCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """Parses, then opens ``--ckpt_path`` safely before LightningCLI reads its hyperparameters,
         so a truncated file or a pickle payload is refused with an error naming the file."""
-        parser.set_defaults({"test.verbose": False, "validate.verbose": False})
+        parser.set_defaults({"test.verbose": False})
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -72,7 +73,12 @@ class IOPFLCLI(LightningCLI):
             if isinstance(logger, CSVLogger) and getattr(logger, "_experiment", None) is None:
                 tracking.refuse_used_run_folder(logger.log_dir)
 
-    before_fit = before_validate = before_test = before_predict = _refuse_used_run_folder
+    before_fit = before_validate = before_test = _refuse_used_run_folder
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, without ``predict`` (no module here has a prediction output)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit", True):
@@ -86,7 +92,9 @@ def _warn_overridden(model_config: Any, hparams: dict, ckpt_path: str) -> None:
     if init_args is None:
         return
     given = dict(vars(init_args))
-    changed = {k: (given[k], v) for k, v in hparams.items() if k in given and given[k] != v}
+    # None asks for the data's value (in_channels, num_classes): nothing is overridden then
+    changed = {k: (given[k], v) for k, v in hparams.items()
+               if given.get(k) is not None and given[k] != v}
     for key, (now, saved) in changed.items():
         log.warning("--ckpt_path %s: model %s=%r is ignored, the checkpoint's %r is used; "
                     "to run with %r, start without --ckpt_path", ckpt_path, key, now, saved, now)

@@ -10,11 +10,23 @@ from typing import Any
 import torch
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)  # reading it means setting it: done once, at import
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files whatever the umask; results and checkpoints get the mode an
+# ordinary open() would give them (0644 under umask 022), so a group or a host user reads them
+_FILE_MODE = 0o666 & ~_process_umask()
+
+
 def _atomic(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

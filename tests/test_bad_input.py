@@ -515,6 +515,7 @@ def test_model_arguments_replaced_by_the_checkpoint_are_named(tmp_path, tmp_path
     with pytest.raises(ValueError, match="trained on sites"):
         run()
     assert "model lr=0.5 is ignored, the checkpoint's 0.001 is used" in caplog.text
+    assert "in_channels=None" not in caplog.text  # None takes the data's: nothing overridden
 
 
 def test_stock_lightning_trainer_also_refuses_the_payload(tmp_path, tmp_path_factory, monkeypatch):

@@ -49,3 +49,13 @@ def test_bad_data_arguments_fail_before_training(tmp_path, override, match):
         run_cli(["fit", "--config", str(TINY_CONFIGS / "demo_tiny.yaml"), *override], tmp_path)
     assert match in str(info.value) or isinstance(info.value, SystemExit)
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_subcommands_are_fit_validate_and_test(capsys):
+    """``predict`` is not offered: no module here has a prediction output to write."""
+    from iopfl_lightning.cli import IOPFLCLI
+
+    assert set(IOPFLCLI.subcommands()) == {"fit", "validate", "test"}
+    with pytest.raises(SystemExit):
+        run_cli(["predict", "--config", str(TINY_CONFIGS / "demo_tiny.yaml")], "unused")
+    assert "invalid choice: 'predict'" in capsys.readouterr().err
