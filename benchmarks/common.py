@@ -8,6 +8,7 @@ Peak memory: CUDA ``max_memory_allocated`` on a GPU; on the CPU the peak residen
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import statistics
@@ -138,6 +139,20 @@ def autocast(device: torch.device, precision: str):
         yield
     else:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def as_run(device: torch.device, precision: str) -> str:
+    """The precision Lightning actually runs: ``16-mixed`` becomes ``bf16-mixed`` on a CPU. A
+    baseline uses it too, so both sides of a comparison compute in the same dtype."""
+    return "bf16-mixed" if device.type == "cpu" and precision == "16-mixed" else precision
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what earlier measurements left (reference cycles, the CUDA cache) so the next
+    block's peak memory is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

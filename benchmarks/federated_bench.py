@@ -23,6 +23,7 @@ import torch
 from common import (
     MemoryMeter,
     Stopwatch,
+    as_run,
     autocast,
     grad_scaler,
     profile_tables,
@@ -245,12 +246,14 @@ def lightning_rounds(cfg: FedConfig, device: torch.device,
 
 
 # ----------------------------------------------------------------------------- plain loop
-def _dice(logits: torch.Tensor, mask: torch.Tensor) -> float:
+def _dice(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Foreground Dice of a batch, on the device: read back once a round, not per batch (a
+    read-back per batch would stall the GPU queue, which the engine's evaluation avoids)."""
     pred = logits.argmax(1) > 0
     fg = mask > 0
-    inter = (pred & fg).sum().item()
-    denom = pred.sum().item() + fg.sum().item()
-    return 1.0 if denom == 0 else 2.0 * inter / denom
+    inter = (pred & fg).sum()
+    denom = pred.sum() + fg.sum()
+    return torch.where(denom == 0, 1.0, 2.0 * inter / denom.clamp_min(1))
 
 
 def plain_rounds(cfg: FedConfig, device: torch.device,
@@ -273,7 +276,8 @@ def plain_rounds(cfg: FedConfig, device: torch.device,
     mode = {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
     forward = torch.compile(model, **mode) if cfg.compile else model
     loss_fn = SegmentationLoss("dice")
-    scaler = grad_scaler(device, cfg.precision)  # 16-mixed only; one for the run, as Lightning's
+    precision = as_run(device, cfg.precision)  # what the engine computes in (Lightning's rule)
+    scaler = grad_scaler(device, precision)  # 16-mixed only; one for the run, as Lightning's
     global_state = copy.deepcopy(model.state_dict())
     personalized: dict[int, dict] = {}
     rounds, switch_ms, agg_ms = [], [], []
@@ -293,7 +297,7 @@ def plain_rounds(cfg: FedConfig, device: torch.device,
                     model.train()
                     for batch in loader:
                         x, y = to_dev(batch["image"]), batch["mask"].to(device, non_blocking=True)
-                        with autocast(device, cfg.precision):
+                        with autocast(device, precision):
                             loss = loss_fn(forward(x), y)
                         opt.zero_grad(set_to_none=True)
                         scaler.scale(loss).backward()
@@ -320,7 +324,7 @@ def plain_rounds(cfg: FedConfig, device: torch.device,
                 agg_ms.append(sw.wall * 1e3)
                 model.eval()
                 scores = []
-                with torch.no_grad(), autocast(device, cfg.precision):
+                with torch.no_grad(), autocast(device, precision):
                     for k, loader in enumerate(val):
                         own = copy.deepcopy(model)
                         own.load_state_dict(personalized[k])
@@ -335,5 +339,6 @@ def plain_rounds(cfg: FedConfig, device: torch.device,
     total = sum(r["wall"] for r in rounds[1:]) * 1e3
     out["switch_agg_pct_of_round"] = 100.0 * (sum(switch_ms[k:]) + sum(agg_ms[1:])) / total
     out["peak_mb"], out["peak_delta_mb"] = mem.peak_mb, mem.delta_mb
-    out["val_dice_last"] = sum(scores) / len(scores)
+    out["val_dice_last"] = torch.stack(scores).mean().item()
+    out["precision"] = precision
     return out

@@ -123,6 +123,10 @@ def _round_options(results: dict, compiled: dict | None) -> dict[str, float]:
         options[_as_run(fed["lightning_fp16"])] = fed["lightning_fp16"]["images_per_s"]
     if "lightning_other_format" in fed:
         options[f"channels_last {str(not cl).lower()}"] = fed["lightning_other_format"]["images_per_s"]
+    for key, option in (("lightning_per_tensor", "flat_state false"),
+                        ("lightning_loaders", "data.device_cache false")):
+        if key in fed:
+            options[option] = fed[key]["images_per_s"]
     if compiled and compiled.get("federated"):
         options[f"compile {compiled.get('compile_mode', 'default')}"] = (
             compiled["federated"]["lightning"]["images_per_s"])

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from checkpoint_bench import checkpoint_bench
-from common import PRECISIONS
+from common import PRECISIONS, release_memory
 from federated_bench import FedConfig, lightning_rounds, make_datamodule, plain_rounds
 from loader_bench import loader_bench
 from outside_bench import outside_bench
@@ -161,6 +161,7 @@ def run_federated(args, device) -> dict:
     dm = make_datamodule(cfg)  # generated once, used by every engine
     data_s = time.perf_counter() - start
     engine = lightning_rounds(cfg, device, dm)
+    _release(dm, device)  # the engine's device cache is not the plain loop's memory
     plain = plain_rounds(cfg, device, dm)  # its own DataLoaders over the same datasets
     variants = {  # key: (asked for, the engine's settings)
         "lightning_fp32": (args.fp32_engine, dict(precision="32-true", channels_last=False,
@@ -176,6 +177,7 @@ def run_federated(args, device) -> dict:
     for key, (wanted, settings) in variants.items():
         if not wanted:
             continue
+        _release(dm, device)
         dm.device_cache = settings.get("device_cache", cfg.device_cache)
         try:  # a comparison that fails is recorded; the run's other figures are kept
             extra[key] = lightning_rounds(dataclasses.replace(cfg, **settings), device, dm)
@@ -195,6 +197,11 @@ def run_federated(args, device) -> dict:
         "engine_over_plain_time_pct_median":
             100.0 * (plain["images_per_s_median"] / engine["images_per_s_median"] - 1),
     }
+
+
+def _release(dm, device: torch.device) -> None:
+    dm.release_device_cache()
+    release_memory(device)
 
 
 def run_routed(args, device) -> dict:
@@ -424,6 +431,7 @@ def main(argv=None) -> dict:
         if wanted:
             began = time.perf_counter()
             results[name] = run()
+            release_memory(device)  # each section's peak memory is its own
             results["section_s"][name] = round(time.perf_counter() - began, 1)
             _write(args.out, results)  # a run stopped later keeps the parts it finished
     results["total_s"] = time.perf_counter() - start

@@ -316,6 +316,11 @@ class MultiSiteDataModule(LightningDataModule):
             **kwargs,
         )
 
+    def release_device_cache(self) -> None:
+        """Drop the device-resident copies of ``device_cache`` (GPU memory back, e.g. after a
+        fit in a notebook); the next loader that needs one builds it again."""
+        self._caches.clear()
+
     def _cache_device(self) -> torch.device:
         trainer = getattr(self, "trainer", None)
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
