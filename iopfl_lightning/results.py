@@ -2,7 +2,7 @@
 
 Rows have at least ``site, model, dice, hd95`` (foreground Dice per case and HD95 per case in
 pixels, each averaged over the cases of the site), plus ``cases``. The markdown table adds a
-``mean`` row per model over sites.
+``mean`` row per model over the sites every model was scored on.
 """
 
 from __future__ import annotations
@@ -35,11 +35,23 @@ def _fmt(value):
     return f"{value:.6f}" if isinstance(value, float) else value
 
 
+def shared_sites(rows: Sequence[dict]) -> list[str]:
+    """Sites every model was scored on. Means are taken over these only: an inside run with a
+    held-out site scores the global model there but no personalized copy, and a mean over each
+    model's own sites would compare the models on different sites."""
+    models = set(r["model"] for r in rows)
+    scored: dict[str, set] = {}
+    for r in rows:
+        scored.setdefault(r["site"], set()).add(r["model"])
+    return [site for site, seen in scored.items() if seen == models]
+
+
 def model_means(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """Mean Dice and HD95 over sites for each model (NaN entries skipped)."""
+    """Mean Dice and HD95 of each model over the :func:`shared_sites` (NaN entries skipped)."""
+    sites = set(shared_sites(rows))
     out: dict[str, dict[str, float]] = {}
     for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
+        mine = [r for r in rows if r["model"] == model and r["site"] in sites]
         out[model] = {m: _nanmean([float(r[m]) for r in mine]) for m in ("dice", "hd95")}
     return out
 
@@ -63,9 +75,10 @@ def rows_to_markdown(rows: Sequence[dict]) -> str:
             r = lookup.get((site, m))
             cells += ["-", "-"] if r is None else [f"{r['dice']:.4f}", f"{r['hd95']:.2f}"]
         lines.append(f"| {site} | " + " | ".join(cells) + " |")
-    means = model_means(rows)
+    means, shared = model_means(rows), shared_sites(rows)
     cells = [f"**{means[m]['dice']:.4f}** | **{means[m]['hd95']:.2f}**" for m in models]
-    lines.append("| **mean** | " + " | ".join(cells) + " |")
+    label = "**mean**" if len(shared) == len(sites) else f"**mean over {', '.join(shared)}**"
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -65,6 +65,24 @@ def resolve_mode(offline: bool | None) -> str | None:
     return None
 
 
+class _OwnRunWandbLogger(WandbLogger):
+    """A ``WandbLogger`` that starts its own run even while another one is open in the process:
+    Lightning's adopts any active ``wandb.run``, so a second experiment in a notebook would log
+    into the first experiment's run, under its name and into its folder."""
+
+    @property
+    def experiment(self) -> Any:
+        import wandb
+
+        if self._experiment is None and wandb.run is not None:
+            self._experiment = wandb.init(**{**self._wandb_init, "reinit": "create_new"})
+            # the x-axis Lightning defines for a run it creates
+            self._experiment.define_metric("trainer/global_step")
+            self._experiment.define_metric("*", step_metric="trainer/global_step",
+                                           step_sync=True)
+        return super().experiment
+
+
 class WandbRunLogger(CSVLogger):
     """CSVLogger's run folder plus a Lightning ``WandbLogger`` fed the same metrics.
 
@@ -113,8 +131,8 @@ class WandbRunLogger(CSVLogger):
         import wandb
 
         extra["settings"] = wandb.Settings(**{"quiet": True, **(settings or {})})
-        self.wandb = WandbLogger(name=run_name or default_name, save_dir=str(folder),
-                                 project=project, log_model=log_model, **extra)
+        self.wandb = _OwnRunWandbLogger(name=run_name or default_name, save_dir=str(folder),
+                                        project=project, log_model=log_model, **extra)
         # Lightning 2.6 always passes ``anonymous`` to wandb.init, and wandb >= 0.2x warns on
         # any value of that retired setting; leaving it out changes nothing else.
         getattr(self.wandb, "_wandb_init", {}).pop("anonymous", None)

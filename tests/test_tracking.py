@@ -134,3 +134,24 @@ def test_a_used_run_folder_is_refused_before_its_metrics_are_touched(tmp_path):
     with pytest.raises(RuntimeError, match="already holds a run"):
         logger.experiment  # noqa: B018 (the property is what is tested)
     assert (tmp_path / "metrics.csv").is_file()
+
+
+def test_a_second_experiment_in_one_process_gets_its_own_run(no_credentials):
+    """As in a notebook: the first experiment's run is still open (only the CLI closes it);
+    the second logs into a run of its own, named after its own folder."""
+    from tests.helpers import tiny_datamodule, tiny_module, tiny_trainer
+
+    runs = []
+    for name in ("first", "second"):
+        logger = tracking.WandbRunLogger(save_dir=str(no_credentials / "runs"), name=name)
+        trainer = tiny_trainer(1, [], no_credentials, logger=logger, limit_train_batches=1,
+                               limit_val_batches=1)
+        trainer.fit(tiny_module(), datamodule=tiny_datamodule())
+        runs.append(logger.wandb.experiment)
+    try:
+        assert runs[0].id != runs[1].id
+        assert [r.name for r in runs] == ["first/version_0", "second/version_0"]
+        assert Path(runs[1].dir).is_relative_to(no_credentials / "runs" / "second")
+    finally:
+        for run in runs:
+            run.finish()

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from iopfl_lightning import tracking
 from iopfl_lightning.metrics import CaseDice, CaseHD95
 from iopfl_lightning.nets.routed import mixture_weights
-from iopfl_lightning.results import write_results
+from iopfl_lightning.results import model_means, write_results
 from iopfl_lightning.viz import save_figure, site_bar_chart
 from iopfl_lightning.viz.collect import OverlayCases
 
@@ -61,13 +61,10 @@ class SiteEvaluator:
 
 
 def means_by_model(rows: list[dict]) -> dict[str, Tensor]:
-    """``{model}/dice_mean`` and ``{model}/hd95_mean`` over sites, for logging."""
-    out: dict[str, Tensor] = {}
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        out[f"{model}/dice_mean"] = torch.tensor(sum(r["dice"] for r in mine) / len(mine))
-        out[f"{model}/hd95_mean"] = torch.tensor(sum(r["hd95"] for r in mine) / len(mine))
-    return out
+    """``{model}/dice_mean`` and ``{model}/hd95_mean`` over the sites every model was scored
+    on (``results.model_means``), for logging."""
+    return {f"{model}/{metric}_mean": torch.tensor(value)
+            for model, means in model_means(rows).items() for metric, value in means.items()}
 
 
 def log_rows(module: pl.LightningModule, stage: str, rows: list[dict], hd95: bool = True) -> None:

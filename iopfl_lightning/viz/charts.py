@@ -41,14 +41,18 @@ def _grid(rows: Sequence[Mapping], metric: str, group: str, error: str | None,
     groups = list(dict.fromkeys(str(r[group]) for r in rows))
     values = np.full((len(groups), len(sites)), np.nan)
     errors = np.zeros_like(values)
+    present = np.zeros(values.shape, dtype=bool)
     err_key = error.format(metric=metric) if error else None
     for row in rows:
         g, s = groups.index(str(row[group])), sites.index(str(row["site"]))
         values[g, s] = _value(row, metric)
         errors[g, s] = _value(row, err_key)
+        present[g, s] = True
     if add_mean and MEAN not in sites and len(sites) > 1:
         sites.append(MEAN)
-        means = [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in values]
+        # over the sites every group was scored on, as the results table's mean row
+        shared = values[:, present.all(axis=0)]
+        means = [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in shared]
         values = np.column_stack([values, means])
         errors = np.column_stack([errors, np.zeros(len(groups))])
     return sites, groups, values, np.nan_to_num(errors)
@@ -84,7 +88,8 @@ def site_bar_chart(
         metric: ``dice``, ``hd95`` (or any numeric column), or several: one panel each.
         group: the column whose values get one bar each (``model``; ``method`` in the tools).
         error: column template of error bars, e.g. ``"{metric}_std"`` (NaN draws none).
-        add_mean: append a ``mean`` over sites (NaN skipped), unless rows already have one.
+        add_mean: append a ``mean`` over the sites every group has a row for (NaN skipped),
+            unless rows already have one.
         title: figure title.
     """
     if not rows:

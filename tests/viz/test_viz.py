@@ -98,6 +98,14 @@ def test_site_bar_chart_groups_models_per_site_with_a_mean():
         site_bar_chart([{"site": "A", "model": "g", "dice": 1.0}], metric="hd95")
 
 
+def test_site_bar_chart_mean_is_over_the_sites_every_model_has():
+    rows = [{"site": s, "model": m, "dice": 0.8, "hd95": 2.0} for s in ("A", "B")
+            for m in ("global", "pers")] + [{"site": "OUT", "model": "global", "dice": 0.2,
+                                              "hd95": 9.0}]
+    heights = [p.get_height() for p in site_bar_chart(rows, metric="dice").axes[0].patches]
+    assert heights[3] == pytest.approx(0.8)  # global's mean leaves out OUT, as the table's
+
+
 def test_site_bar_chart_error_bars_and_other_groups():
     rows = [{"site": "mean", "method": m, "dice": 0.5, "dice_std": s}
             for m, s in (("fedavg", 0.1), ("iopfl", float("nan")))]
