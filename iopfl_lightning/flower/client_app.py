@@ -37,7 +37,13 @@ from iopfl_lightning.flower.records import (
     metric_record,
     reply_content,
 )
-from iopfl_lightning.flower.site_store import Personal, load_personal, save_personal, store_path
+from iopfl_lightning.flower.site_store import (
+    Personal,
+    fold_base,
+    load_personal,
+    save_personal,
+    store_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +87,10 @@ def handle_train(
         "server-round": round_no,
     }
     if all_finite(local):
-        previous = record_to_state(personal.arrays) if personal else None
-        copy = ema_update(previous, local, runtime.alpha)
-        rounds = [*(personal.rounds if personal else []), round_no]
-        save_personal(context, path, Personal(state_to_record(copy), runtime.site,
-                                              runtime.index, rounds), federation)
+        base, rounds = fold_base(personal, round_no)
+        copy = ema_update(None if base is None else record_to_state(base), local, runtime.alpha)
+        save_personal(context, path, Personal(state_to_record(copy), runtime.site, runtime.index,
+                                              [*rounds, round_no], previous=base), federation)
         metrics.update(runtime.evaluate(global_state, copy, "val"))
     else:
         log.warning("site %s, round %d: NaN/inf weights after local training; the "

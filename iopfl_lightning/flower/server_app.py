@@ -105,14 +105,21 @@ def _finish(grid: Grid, settings: FlowerSettings, experiment, strategy, state, o
                                         strategy.global_state, settings.query_timeout)
     if not personalized:
         raise RuntimeError("no site returned its personalized copy; routing space not written")
-    sites = list(personalized)
+    # every site of the federation, as the engine writes it: one that trained but did not
+    # answer the query still trained the global model, so it must never pass as unseen
+    sites = list(experiment.sites)
+    missing = [s for s in sites if s not in personalized]
+    if missing:
+        log.warning("no personalized copy of %s in the routing space (no answer to the query); "
+                    "outside sites route over the others", missing)
     path = write_routing_space(
         out / "routing_space.pt", net_spec=experiment.net_spec, sites=sites,
         global_state=strategy.global_state, personalized=personalized,
         sample_counts={s: strategy.sample_counts[s] for s in sites if s in strategy.sample_counts},
         rounds=state.round, run_id=state.federation,
     )
-    log.info("wrote %s (%d rounds, sites %s)", path, state.round, sites)
+    log.info("wrote %s (%d rounds, sites %s, copies of %s)", path, state.round, sites,
+             list(personalized))
     return path
 
 

@@ -153,7 +153,9 @@ class RoutingModule(pl.LightningModule):
         self.automatic_optimization = False
         self.baselines = list(BASELINES if baselines is None else baselines)
         experts = load_experts(routing_space)
-        self.inside_sites = experts.sites
+        self.inside_sites = experts.sites  # the experts' sites (the routing heatmap's names)
+        # every site of the federation, also one without a copy: its data trained the global
+        self.federation_sites = experts.federation or experts.sites
         self.net_spec = experts.net_spec
         self.num_classes = int(experts.net_spec["num_classes"])
         base = build_from_spec(experts.net_spec)
@@ -218,10 +220,10 @@ class RoutingModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if dm is None:
             return
-        leaked = [s for s in getattr(dm, "outside_sites", []) if s in self.inside_sites]
+        leaked = [s for s in getattr(dm, "outside_sites", []) if s in self.federation_sites]
         if leaked:
             raise ValueError(f"outside site(s) {leaked} were inside sites of routing space "
-                             f"{self.hparams.routing_space!r} ({self.inside_sites}); train the "
+                             f"{self.hparams.routing_space!r} ({self.federation_sites}); train the "
                              "federation with them held out (--data.outside)")
         if stage == "fit" and getattr(dm, "train_on", "outside") != "outside":
             raise ValueError("RoutingModule fits on the outside site's unlabelled images: set "

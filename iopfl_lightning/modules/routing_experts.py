@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,8 +31,9 @@ class Experts:
     the global model."""
 
     net_spec: dict[str, Any]
-    sites: list[str]
+    sites: list[str]  # the sites with a personalized model, in expert order
     states: list[dict[str, Tensor]]
+    federation: list[str] = field(default_factory=list)  # every inside site, copy or not
 
     @property
     def global_state(self) -> dict[str, Tensor]:
@@ -47,7 +48,7 @@ def load_experts(path: str | os.PathLike, outside: Sequence[str] = ()) -> Expert
     labels, so routing over it would leak them).
     """
     space = read_routing_space(path)
-    sites = list(space["sites"])
+    sites = federation = list(space["sites"])
     if not space.get("net_spec"):
         raise ValueError(f"{path}: routing space has no net_spec, cannot rebuild the net")
     leaked = [s for s in outside if s in sites]
@@ -64,7 +65,7 @@ def load_experts(path: str | os.PathLike, outside: Sequence[str] = ()) -> Expert
         log.warning("%s: no personalized model of %s (never trained in that federation); "
                     "routing over %s and the global model", path, untrained, sites)
     states = [dict(space["personalized"][s]) for s in sites] + [dict(space["global"])]
-    return Experts(dict(space["net_spec"]), sites, states)
+    return Experts(dict(space["net_spec"]), sites, states, federation)
 
 
 def average_states(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:

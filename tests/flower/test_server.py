@@ -137,3 +137,55 @@ def test_its_routing_space_drives_an_outside_site_through_the_cli(tmp_path):
                     "--model.routing_space", str(space), "--trainer.max_epochs", "1")
     assert [(r["site"], r["model"]) for r in rows] == [
         ("UCL", m) for m in ("global", "uniform", "ensemble", "tent", "routed")]
+
+
+def test_a_site_silent_at_the_query_stays_a_federation_site_of_the_routing_space(tmp_path):
+    """UCL trained every round but does not answer the final query: the routing space lists it
+    (without a copy), so it can never be routed to as an unseen site."""
+    from iopfl_lightning.modules.routing_experts import load_experts
+
+    grid = _grid(tmp_path)
+
+    def hook(messages):
+        if {m.metadata.message_type for m in messages} == {"query.personalized"}:
+            grid.down.add(102)
+    grid.before_send = hook
+    path = _run(grid, tmp_path / "out", **{"query-timeout": 1.0})
+    space = read_routing_space(path)
+    assert space["sites"] == SITES and sorted(space["personalized"]) == ["BIDMC", "HK"]
+    assert space["sample_counts"] == {s: 8 for s in SITES}
+    with pytest.raises(ValueError, match=r"outside site\(s\) \['UCL'\] took part"):
+        load_experts(path, outside=["UCL"])
+
+
+def test_a_server_resumed_mid_round_folds_that_round_into_each_copy_once(tmp_path):
+    """The server dies after the sites trained round 2 (their copies hold it) but before its
+    round-2 checkpoint; resumed, it re-sends round 2, which the sites fold into the copy as it
+    was before that round: every copy equals an uninterrupted run's."""
+    straight = read_routing_space(_run(_grid(tmp_path / "a"), tmp_path / "a" / "out"))
+
+    class ServerDied(Exception):
+        pass
+
+    grid = _grid(tmp_path / "b")
+    send = type(grid).send_and_receive
+
+    def dies_after_round_2(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = send(self, messages, timeout=timeout)
+        if any(m.metadata.message_type == "train"
+               and int(m.content["config"]["server-round"]) == 2 for m in messages):
+            raise ServerDied
+        return replies
+
+    grid.send_and_receive = dies_after_round_2.__get__(grid)
+    with pytest.raises(ServerDied):
+        _run(grid, tmp_path / "b" / "out")
+    assert safe_torch_load(tmp_path / "b" / "out" / "checkpoint.pt")["round"] == 1
+    resumed = read_routing_space(_run(_grid(tmp_path / "b"), tmp_path / "b" / "out",
+                                      resume=True))
+    for site in SITES:
+        stored = safe_torch_load(next((tmp_path / "b" / "sites" / site).glob("personalized-*")))
+        assert stored["rounds"] == [1, 2]
+        for key, value in straight["personalized"][site].items():
+            assert torch.equal(value, resumed["personalized"][site][key]), (site, key)

@@ -224,6 +224,19 @@ def test_outside_site_that_trained_inside_is_refused(tmp_path):
         tiny_trainer(1, [], tmp_path).fit(RoutingModule(space), datamodule=outside_dm())
 
 
+def test_outside_site_of_the_federation_without_a_copy_is_refused_too(tmp_path):
+    """UCL trained the global model but has no personalized copy (never answered, never drawn):
+    it is still no unseen site."""
+    space = write_space(tmp_path / "leak.pt", sites=["BIDMC", "UCL"])
+    payload = torch.load(space, weights_only=True)
+    del payload["personalized"]["UCL"]
+    torch.save(payload, space)
+    module = RoutingModule(space)
+    assert module.inside_sites == ["BIDMC"] and module.federation_sites == ["BIDMC", "UCL"]
+    with pytest.raises(ValueError, match=r"outside site\(s\) \['UCL'\] were inside sites"):
+        tiny_trainer(1, [], tmp_path).fit(module, datamodule=outside_dm())
+
+
 def test_empty_target_is_refused(space, tmp_path):
     empty = DataLoader(GarbageMasks([]), batch_size=2)
     with pytest.raises(ValueError, match="empty target"):
