@@ -63,6 +63,7 @@ def load_experiment(path: str, data_root: str | None = None) -> Experiment:
         raise ValueError(f"{path}: trainer.callbacks must hold one FederatedTrainer, "
                          f"found {len(federation)}")
     _check_federation(path, federation[0])
+    _check_precision(path, trainer_config.get("precision"))
     datamodule = cli.datamodule
     sites = _inside_sites(path, data_args, datamodule)
     model = cli.model
@@ -121,6 +122,16 @@ def _check_federation(path: str, fed: Any) -> None:
                 f"{path}: FederatedTrainer {key}={value!r} is not supported by the Flower "
                 f"adapter (supported: {supported!r}); use the in-process engine for it"
             )
+
+
+def _check_precision(path: str, precision: Any) -> None:
+    """Sites send their weights in the global model's dtypes (fp32): a precision that keeps
+    the weights themselves in bf16/fp16/fp64 (``*-true``) is refused, mixed precision is not."""
+    text = str(precision) if precision is not None else "32-true"
+    if text not in ("32", "32-true", "bf16-mixed", "16-mixed"):
+        raise ValueError(f"{path}: trainer.precision={text!r} is not supported by the Flower "
+                         "adapter (the weights travel as float32); use 32-true, bf16-mixed or "
+                         "16-mixed, or the in-process engine")
 
 
 def _inside_sites(path: str, data_args: dict[str, Any], datamodule: Any) -> list[str]:

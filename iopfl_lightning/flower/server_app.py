@@ -55,7 +55,19 @@ def run_server(grid: Grid, context: Context, overrides: Mapping[str, Any] | None
             train_config=ConfigRecord({"federation": state.federation}),
             evaluate_config=ConfigRecord({"federation": state.federation, "split": "test"}),
         )
+    elif settings.test_at_end and not (out / "results.csv").exists():
+        _final_test(grid, settings, strategy, state)  # the run stopped during it: once more
     return _finish(grid, settings, experiment, strategy, state, out)
+
+
+def _final_test(grid: Grid, settings: FlowerSettings, strategy, state) -> None:
+    """The test evaluation that follows the last round, on its own (every round is done)."""
+    log.info("all %d rounds are done but the test evaluation is not: running it", state.round)
+    arrays = ArrayRecord.from_torch_state_dict(strategy.global_state)
+    config = ConfigRecord({"federation": state.federation, "split": "test"})
+    messages = strategy.configure_evaluate(0, arrays, config, grid)  # round 0 after the offset
+    strategy.aggregate_evaluate(0, grid.send_and_receive(messages,
+                                                         timeout=settings.round_timeout))
 
 
 def _strategy(settings: FlowerSettings, experiment, state, out: Path, total: int):
@@ -81,6 +93,7 @@ def _strategy(settings: FlowerSettings, experiment, state, out: Path, total: int
         min_replies=min_replies, min_available=min_available,
         fraction_train=fed.client_fraction, on_nonfinite=fed.on_nonfinite,
         round_offset=state.round, final_round=total, test_at_end=settings.test_at_end,
+        node_wait=settings.round_timeout,
     )
     strategy.history, strategy.sample_counts = state.history, state.sample_counts
 

@@ -8,9 +8,10 @@ Run config keys (``[tool.flwr.app.config]`` of ``experiments/flower/pyproject.to
 - ``num-rounds``: federated rounds (0 = the YAML's ``trainer.max_epochs``).
 - ``min-replies``: updates a round needs to be aggregated (0 = ``min(2, sites)``); a round with
   fewer leaves the global model unchanged.
-- ``min-available``: connected nodes a round waits for before it starts (0 = every site).
-- ``round-timeout``: seconds a round waits for replies; a node that has not answered by then
-  is missing from that round.
+- ``min-available``: connected nodes a round waits for before it starts (0 = every site), at
+  most ``round-timeout`` seconds; then it goes on with the nodes connected.
+- ``round-timeout``: seconds a round waits for nodes to connect, and then for replies; a node
+  that has not answered by then is missing from that round.
 - ``out``: server folder (checkpoint, ``rounds.json``, ``routing_space.pt``, results).
 - ``resume``: continue from ``out/checkpoint.pt`` (otherwise an existing one is an error).
 - ``test-at-end``: evaluate the final global and personalized models on each site's test split.

@@ -1,7 +1,9 @@
 """The server strategy: Flower's FedAvg sampling, the in-process engine's aggregation.
 
-:class:`IOPFLStrategy` keeps Flower's node sampling (``fraction_train``, waiting for
-``min_available_nodes``) and message plumbing, and replaces the aggregation with the engine's
+:class:`IOPFLStrategy` keeps Flower's message plumbing and samples nodes itself: as many as
+the engine trains (``ceil(client_fraction * sites)``), after waiting for ``min_available``
+connected nodes at most ``node_wait`` seconds (a dead site must not stall the federation); it
+replaces the aggregation with the engine's
 pure functions: client updates ``w_k - w_global`` weighted by training sample counts
 (:class:`UpdateAccumulator`, added in client-index order, as the engine adds them) applied by the
 :class:`ServerOptimizer` (``fedavg`` = plain averaging, ``fedavgm``, ``fedadam``); normalization
@@ -17,14 +19,17 @@ left unchanged. After every aggregated round ``on_round`` is called (the server 
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from iopfl_lightning.federated.aggregate import ServerOptimizer, UpdateAccumulator
+from iopfl_lightning.federated.participation import participant_count
 from iopfl_lightning.federated.state import StateDict, all_finite, check_same_keys
 from iopfl_lightning.flower.records import ARRAYS, METRICS, float_metrics, record_to_state
 
@@ -46,6 +51,8 @@ class IOPFLStrategy(FedAvg):
         round_offset: rounds already done (a resumed run numbers rounds after them).
         final_round: the last round; the test evaluation runs after it if ``test_at_end``.
         on_round: called with the round number after each aggregated round.
+        node_wait: seconds a round waits for ``min_available`` connected nodes before it goes
+            on with those connected.
     """
 
     def __init__(
@@ -53,6 +60,7 @@ class IOPFLStrategy(FedAvg):
         sites: list[str], min_replies: int, min_available: int, fraction_train: float = 1.0,
         on_nonfinite: str = "skip", round_offset: int = 0, final_round: int = 0,
         test_at_end: bool = True, on_round: Callable[[int], None] | None = None,
+        node_wait: float = 3600.0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_replies,
@@ -63,18 +71,43 @@ class IOPFLStrategy(FedAvg):
         self.round_offset, self.final_round = round_offset, final_round
         self.test_at_end = test_at_end
         self.on_round = on_round
+        self.min_available, self.node_wait = min_available, node_wait
         self.node_sites: dict[int, str] = {}  # learned from replies
         self.sample_counts: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
         self.test_rows: list[dict[str, Any]] = []
         self._sampled: dict[int, list[int]] = {}
 
+    # ------------------------------------------------------------------ sampling
+    def _connected(self, grid: Grid) -> list[int]:
+        """The connected nodes once ``min_available`` are, or whoever is connected after
+        ``node_wait`` seconds (a site that died for good must not stall the federation)."""
+        deadline = time.monotonic() + self.node_wait
+        while len(nodes := list(grid.get_node_ids())) < self.min_available:
+            if time.monotonic() >= deadline:
+                log.warning("%d of the %d nodes a round waits for are connected after %.0f s; "
+                            "going on with them", len(nodes), self.min_available, self.node_wait)
+                break
+            log.info("waiting for nodes: %d connected, %d wanted", len(nodes), self.min_available)
+            time.sleep(1.0)
+        return nodes
+
+    def _messages(self, grid: Grid, count: int, arrays: ArrayRecord, config: ConfigRecord,
+                  kind: str, round_no: int) -> list[Message]:
+        nodes = self._connected(grid)
+        chosen = random.sample(nodes, min(count, len(nodes)))
+        config["server-round"] = round_no
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return list(self._construct_messages(record, chosen, kind))
+
     # ------------------------------------------------------------------ training
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         round_no = server_round + self.round_offset
-        messages = list(super().configure_train(round_no, arrays, config, grid))
+        # as many sites as the engine trains (ceil), not Flower's floor of the fraction
+        count = max(participant_count(len(self.sites), self.fraction_train), self.min_replies)
+        messages = self._messages(grid, count, arrays, config, MessageType.TRAIN, round_no)
         self._sampled[round_no] = [m.metadata.dst_node_id for m in messages]
         return messages
 
@@ -169,7 +202,8 @@ class IOPFLStrategy(FedAvg):
         round_no = server_round + self.round_offset
         if not (self.test_at_end and round_no == self.final_round):
             return []
-        return super().configure_evaluate(round_no, arrays, config, grid)
+        return self._messages(grid, len(self.sites), arrays, config, MessageType.EVALUATE,
+                              round_no)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -189,3 +189,53 @@ def test_a_server_resumed_mid_round_folds_that_round_into_each_copy_once(tmp_pat
         assert stored["rounds"] == [1, 2]
         for key, value in straight["personalized"][site].items():
             assert torch.equal(value, resumed["personalized"][site][key]), (site, key)
+
+
+def test_a_server_stopped_during_the_final_test_runs_it_when_resumed(tmp_path):
+    grid = _grid(tmp_path)
+
+    class ServerDied(Exception):
+        pass
+
+    def dies_at_the_test(messages):
+        if {m.metadata.message_type for m in messages} == {"evaluate"}:
+            raise ServerDied
+    grid.before_send = dies_at_the_test
+    with pytest.raises(ServerDied):
+        _run(grid, tmp_path / "out", **{"test-at-end": True})
+    assert not (tmp_path / "out" / "results.csv").exists()
+    _run(_grid(tmp_path), tmp_path / "out", resume=True, **{"test-at-end": True})
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * len(SITES)  # header, global and personalized per site
+
+
+def test_a_site_that_dies_for_good_does_not_stall_the_federation(tmp_path):
+    """By default a round waits for every site to be connected; one that never comes back is
+    waited for at most round-timeout, then the rounds and the test go on without it."""
+    grid = _grid(tmp_path)
+    _train_calls(grid, 1, lambda g: None)
+    grid.before_send = lambda messages: grid.down.add(102)  # UCL dies at round 1, for good
+    _run(grid, tmp_path / "out", **{"round-timeout": 1.0, "query-timeout": 1.0,
+                                    "test-at-end": True})
+    history = _history(tmp_path / "out")
+    assert [h["trained"] for h in history] == [["BIDMC", "HK"], ["BIDMC", "HK"]]
+    assert all(h["aggregated"] for h in history)
+
+
+def test_a_round_trains_as_many_sites_as_the_engine_draws(tmp_path):
+    """client_fraction 0.5 of 3 sites: the engine trains ceil(1.5) = 2 a round (Flower's own
+    sampling would take floor(1.5) = 1)."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from iopfl_lightning.flower.strategy import IOPFLStrategy
+
+    state = {"w": torch.zeros(2)}
+    strategy = IOPFLStrategy(global_state=state, param_keys={"w"}, server=None, sites=SITES,
+                             min_replies=1, min_available=3, fraction_train=0.5)
+    grid = _grid(tmp_path)
+    for fraction, count in ((0.5, 2), (0.1, 1), (1.0, 3)):
+        strategy.fraction_train = fraction
+        messages = strategy.configure_train(1, ArrayRecord.from_torch_state_dict(state),
+                                            ConfigRecord({}), grid)
+        assert len(messages) == count
+        assert len({m.metadata.dst_node_id for m in messages}) == count

@@ -55,6 +55,8 @@ def test_experiments_the_adapter_cannot_run_are_refused(tmp_path):
         (lambda c: c["data"].pop("sites"), "data.sites must list"),
         (lambda c: c["trainer"].pop("callbacks"), "one FederatedTrainer"),
         (lambda c: c["model"]["init_args"].update(bogus=1), "not a valid experiment config"),
+        (lambda c: c["trainer"].update(precision="bf16-true"),
+         "trainer.precision='bf16-true' is not supported by the Flower adapter"),
     ]
     for edit, message in cases:
         with pytest.raises(ValueError, match=message):
