@@ -225,7 +225,8 @@ class MultiSiteDataModule(LightningDataModule):
             return read_iopfl_npy(self.root, site, num_classes=self.num_classes)
         if self.format == "png_slices":
             return read_png_slices(
-                self.root, site, self.pairing, self.val_fraction, self.mask_inverted
+                self.root, site, self.pairing, self.val_fraction, self.mask_inverted,
+                require_train=site in self.inside_sites,
             )
         if self.format == "fundus":
             return read_fundus(self.root, site, self.image_size, self.val_fraction)

@@ -199,6 +199,7 @@ def read_png_slices(
     val_fraction: float = 0.2,
     mask_inverted: bool = True,
     mask_values: tuple[int, int] = (0, 255),
+    require_train: bool = True,
 ) -> SiteSplits:
     """Read one site of per-slice PNGs into train/val/test cases (labels 0 = bg, 1 = organ).
 
@@ -210,13 +211,16 @@ def read_png_slices(
         val_fraction: fraction of train cases carved off as val (see :func:`carve_val`).
         mask_inverted: the low mask value is the foreground (true for the real sample).
         mask_values: the two allowed grey values ``(low, high)``.
+        require_train: False for a held-out (outside) site, which never trains: it may have
+            a ``test`` folder only.
     """
     if pairing not in ("name", "order"):
         raise ValueError(f"pairing must be 'name' or 'order', got {pairing!r}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     folder = site_folder(Path(root), site)
-    train = read_png_split(folder / "train", pairing, mask_values, mask_inverted)
+    train = read_png_split(folder / "train", pairing, mask_values, mask_inverted) \
+        if require_train or (folder / "train").is_dir() else []
     test = read_png_split(folder / "test", pairing, mask_values, mask_inverted)
     if not train and not test:
         raise DataError(f"site {site!r} has no samples under {folder}")

@@ -254,3 +254,21 @@ def test_train_on_outside_serves_unlabelled_target_images():
 def test_train_on_outside_needs_one_outside_site():
     with pytest.raises(ValueError, match=r"train_on='outside' needs exactly one outside site"):
         tiny_dm(sites=["HK", "UCL"], train_on="outside")
+
+
+def test_an_outside_png_site_may_have_a_test_folder_only(tmp_path):
+    """A held-out site never trains, so it needs no train folder; an inside site does."""
+    import shutil
+
+    from tests.data.test_png_slices import make_site
+
+    for site in ("A", "B", "NEW"):
+        make_site(tmp_path, site, cases={0: 4, 1: 3, 2: 2})
+    shutil.rmtree(tmp_path / "NEW" / "train")
+    dm = MultiSiteDataModule("png_slices", str(tmp_path), sites=["A", "B", "NEW"],
+                             outside=["NEW"], batch_size=2)
+    dm.setup()
+    assert dm.test_sites == ["A", "B", "NEW"] and len(dm.test_dataloader()) == 3
+    with pytest.raises(DataError, match=r"NEW/train"):
+        MultiSiteDataModule("png_slices", str(tmp_path), sites=["A", "NEW"],
+                            batch_size=2).setup()
