@@ -11,7 +11,9 @@ and seed the config is copied with the FederatedTrainer's ``method``/``method_ar
 ``seed_everything`` and the data shuffling seed set (generated synthetic data stays the same
 across seeds), and run in-process with ``fit`` (+ test); its ``results.csv`` is copied to
 ``OUT/<method>/seed<seed>/results.csv``. A run whose copy exists is read back, not rerun, so an
-interrupted comparison resumes. Arguments after ``--`` go to every fit.
+interrupted comparison resumes; its settings (``settings.json``: the run's config and the
+arguments after ``--``) must be this command's, else it is refused naming the folder.
+Arguments after ``--`` go to every fit.
 
 Writes ``OUT/compare.csv`` (every model), ``OUT/compare.md`` (site x method, deployed model,
 mean ± std over seeds, mean over sites) and ``OUT/plots/compare_<site>.png``.
@@ -32,24 +34,37 @@ import yaml
 
 from iopfl_lightning.federated.methods import METHODS
 from iopfl_lightning.tools.compare_table import write_comparison
-from iopfl_lightning.tools.loso import _read_rows
+from iopfl_lightning.tools.loso import _read_rows, check_same_settings, save_settings
 
 log = logging.getLogger(__name__)
 CALLBACK = "FederatedTrainer"
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``fedprox:mu=0.1,...`` -> (``fedprox``, {``mu``: 0.1}); values are parsed as YAML."""
+    """``fedprox:mu=0.1,...`` -> (``fedprox``, {``mu``: 0.1}); values are parsed as YAML, so a
+    list may hold commas (``fedper:local_modules=[head,up4]``)."""
     name, _, rest = spec.partition(":")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r} in {spec!r}; registered: {sorted(METHODS)}")
     args = {}
-    for item in filter(None, rest.split(",")):
+    for item in _top_level_items(rest):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"method {spec!r}: expected key=value, got {item!r}")
         args[key.strip()] = yaml.safe_load(value)
     return name, args
+
+
+def _top_level_items(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and braces."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item.strip()]
 
 
 def run_config(config: dict, spec: str, seed: int, folder: Path) -> dict:
@@ -86,12 +101,15 @@ def run_one(config: dict, spec: str, seed: int, out: Path, extra: Sequence[str])
 
     folder = out / _label_dir(spec) / f"seed{seed}"
     done = folder / "results.csv"
+    settings = {"config": run_config(config, spec, seed, folder), "extra": list(extra)}
     if done.is_file():
+        check_same_settings(folder, settings)
         log.info("%s seed %d: reusing %s", spec, seed, done)
     else:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "run_config.yaml"
-        path.write_text(yaml.safe_dump(run_config(config, spec, seed, folder), sort_keys=False))
+        path.write_text(yaml.safe_dump(settings["config"], sort_keys=False))
+        save_settings(folder, settings)
         log.info("%s seed %d: fit --config %s", spec, seed, path)
         cli = cli_main(["fit", "--config", str(path), *extra])
         shutil.copyfile(Path(cli.trainer.log_dir) / "results.csv", done)
@@ -112,9 +130,11 @@ def compare(config: str | Path, methods: Sequence[str], seeds: Sequence[int], ou
     # seed-major: a partial comparison already has every method for the first seeds
     rows = [row for seed in seeds for spec in methods for row in run_one(base, spec, seed, out, extra)]
     deployed = {spec: METHODS[parse_method(spec)[0]].deployed for spec in methods}
-    note = (f"Config `{config}`, seeds {list(seeds)}; test split; Dice and HD95 per case averaged "
-            "per site; mean ± sample std over seeds; the mean over sites is taken per seed first. "
-            "Each method's deployed model: personalized where it keeps one per site, else global.")
+    given = f", arguments `{' '.join(extra)}`" if extra else ""
+    note = (f"Config `{config}`{given}, seeds {list(seeds)}; test split; Dice and HD95 per case "
+            "averaged per site; mean ± sample std over seeds; the mean over sites is taken per "
+            "seed first, over the sites every method shown was scored on. Each method's "
+            "deployed model: personalized where its run kept one per site, else global.")
     write_comparison(rows, deployed, out, note=note)
     return rows
 

@@ -5,7 +5,8 @@ Input rows (one per run, site and evaluated model) carry ``method`` (the run's l
 the method puts at a site (``personalized`` where the method keeps a per-site model, else
 ``global``); the markdown table and the charts show that one, the CSV keeps every model.
 Over sites: each seed's mean over sites first, then mean and std over seeds (so the std is the
-spread between runs, not between sites). Std is the sample std (n - 1); NaN with one seed.
+spread between runs, not between sites); the sites are those every method's deployed model was
+scored on (a held-out site has a global row only), named in the row when some are left out. Std is the sample std (n - 1); NaN with one seed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ def summarize(rows: Sequence[dict], deployed: dict[str, str]) -> pd.DataFrame:
     deployed (bool). ``deployed`` maps a method label to its deployed model name."""
     runs = pd.DataFrame(list(rows))
     per_site = runs[["method", "model", "seed", "site", *METRICS]]
-    over_sites = per_site.groupby(["method", "model", "seed"], sort=False)[list(METRICS)].mean()
+    chosen = {m: _deployed_model(deployed.get(m), set(part["model"]))
+              for m, part in per_site.groupby("method", sort=False)}
+    shown = per_site[[chosen[m] == model for m, model
+                      in zip(per_site["method"], per_site["model"], strict=True)]]
+    # the mean over the sites every deployed model was scored on (a held-out site has a
+    # global row but no personalized one): the methods are compared on the same sites
+    sites_of = shown.groupby("method", sort=False)["site"].agg(set)
+    shared = [s for s in dict.fromkeys(per_site["site"]) if all(s in v for v in sites_of)]
+    over_sites = per_site[per_site["site"].isin(shared)].groupby(
+        ["method", "model", "seed"], sort=False)[list(METRICS)].mean()
     over_sites = over_sites.reset_index().assign(site=MEAN)
     both = pd.concat([per_site, over_sites], ignore_index=True)
     grouped = both.groupby(["method", "model", "site"], sort=False)
@@ -37,15 +47,18 @@ def summarize(rows: Sequence[dict], deployed: dict[str, str]) -> pd.DataFrame:
     table.columns = [f"{m}_{s}" for m, s in table.columns]
     table["seeds"] = grouped["seed"].nunique()
     table = table.reset_index()
-    chosen = {m: _deployed_model(deployed.get(m), set(part["model"]))
-              for m, part in table.groupby("method", sort=False)}
     table["deployed"] = [chosen[m] == model
                          for m, model in zip(table["method"], table["model"], strict=True)]
+    table.attrs["mean_sites"] = shared
     return table
 
 
 def _deployed_model(wanted: str | None, present: set[str]) -> str:
-    """The method's deployed model if its runs evaluated it, else ``global``."""
+    """``personalized`` where the runs kept a per-site model (a method's own copy, or per-site
+    normalization with ``norm_policy: local``), else the method's own choice if evaluated, else
+    ``global``."""
+    if "personalized" in present and wanted in (None, "global", "personalized"):
+        return "personalized"
     return wanted if wanted in present else "global"
 
 
@@ -61,6 +74,9 @@ def to_markdown(table: pd.DataFrame) -> str:
     methods = list(dict.fromkeys(shown["method"]))
     sites = [s for s in dict.fromkeys(shown["site"]) if s != MEAN] + [MEAN]
     lookup = {(r.method, r.site): r for r in shown.itertuples()}
+    shared = table.attrs.get("mean_sites")
+    mean_name = ("**mean over sites**" if shared is None or len(shared) == len(sites) - 1
+                 else f"**mean over {', '.join(shared)}**")
     out = []
     for metric, title, digits in (("dice", "Foreground Dice per case", 4), ("hd95", "HD95 (px)", 2)):
         out += [f"### {title}", "", "| site | " + " | ".join(methods) + " |",
@@ -72,7 +88,7 @@ def to_markdown(table: pd.DataFrame) -> str:
                 cell = "-" if r is None else _cell(getattr(r, f"{metric}_mean"),
                                                    getattr(r, f"{metric}_std"), digits)
                 cells.append(f"**{cell}**" if site == MEAN else cell)
-            name = "**mean over sites**" if site == MEAN else site
+            name = mean_name if site == MEAN else site
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -5,7 +5,9 @@ and writes its ``routing_space.pt``; ``fit --config OUTSIDE --data.outside [S]
 --model.routing_space FILE`` fits the routing on S's unlabelled images and scores every model
 on S. The rows of all sites go into one ``results.csv`` / ``results.md`` (site x method, Dice
 and HD95, mean over sites) in ``--out``. A site whose ``SITE/results.csv`` exists is read back,
-not rerun, so an interrupted matrix resumes. Arguments after ``--`` go to both fits::
+not rerun, so an interrupted matrix resumes; the texts of both configs and the arguments after
+``--`` (``SITE/settings.json``) must be this command's, else it is refused naming the folder.
+Arguments after ``--`` go to both fits::
 
     python -m iopfl_lightning.tools.loso --inside experiments/prostate/inside.yaml \\
         --outside experiments/prostate/outside.yaml --out runs/prostate_loso \\
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -26,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from iopfl_lightning.cli import main as cli_main
+from iopfl_lightning.fileio import atomic_write_text
 from iopfl_lightning.results import write_results
 
 log = logging.getLogger(__name__)
@@ -54,12 +58,41 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
+SETTINGS = "settings.json"
+
+
+def save_settings(folder: Path, settings: dict) -> None:
+    """What a run was made with, beside its results (checked before they are reused)."""
+    atomic_write_text(folder / SETTINGS, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+
+
+def check_same_settings(folder: Path, settings: dict) -> None:
+    """Refuse to reuse ``folder``'s results for other settings (they would be reported as
+    this command's)."""
+    path = folder / SETTINGS
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved != json.loads(json.dumps(settings)):
+        what = "were made with other settings" if saved is not None else f"have no {SETTINGS}"
+        raise ValueError(f"{folder}: the results there {what} than this command's (config, "
+                         "arguments after --); use another --out, or remove that folder to "
+                         "run it again")
+
+
+def _file_text(path: str) -> str:
+    return Path(path).read_text()
+
+
 def run_site(site: str, inside: str, outside: str, out: Path, extra: Sequence[str]) -> list[dict]:
     """Inside fit without ``site``, then routing on ``site``; returns the outside rows."""
     done = out / site / "results.csv"
+    settings = {"inside": _file_text(inside), "outside": _file_text(outside),
+                "extra": list(extra)}
     if done.is_file():
+        check_same_settings(out / site, settings)
         log.info("%s: reusing %s", site, done)
         return _read_rows(done)
+    (out / site).mkdir(parents=True, exist_ok=True)
+    save_settings(out / site, settings)
     held = ["--data.outside", f"[{site}]"]
     cli = _fit(inside, out / site / "inside", [*held, *extra])
     space = Path(cli.trainer.log_dir) / "routing_space.pt"

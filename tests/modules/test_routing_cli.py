@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from iopfl_lightning.data import make_synthetic_sites, write_iopfl_npy
 from iopfl_lightning.tools.loso import run_matrix
 from tests.data.test_fundus import make_domain
@@ -48,8 +50,11 @@ def test_loso_matrix_on_the_demo_twins(tmp_path):
     assert [(r["site"], r["model"]) for r in rows] == [("UCL", m) for m in MODELS]
     table = (tmp_path / "results.md").read_text()
     assert "**mean**" in table and "routed Dice" in table
-    again = run_matrix(*args, sites=["UCL"])  # resumes from the per-site results
+    # resumes from the per-site results made with the same settings, refuses other ones
+    again = run_matrix(*args, sites=["UCL"], extra=["--trainer.max_epochs", "1"])
     assert [r["dice"] for r in again] == [r["dice"] for r in rows]
+    with pytest.raises(ValueError, match="UCL: the results there were made with other settings"):
+        run_matrix(*args, sites=["UCL"])
 
 
 def test_gpu_overlay_on_the_prostate_outside_twin_runs_on_cpu(tmp_path):

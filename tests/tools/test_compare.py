@@ -28,6 +28,8 @@ def test_method_specs_parse_arguments_and_refuse_unknown_names():
     assert parse_method("fedavg") == ("fedavg", {})
     assert parse_method("fedprox:mu=0.1") == ("fedprox", {"mu": 0.1})
     assert parse_method("fedper:local_modules=[head]") == ("fedper", {"local_modules": ["head"]})
+    assert parse_method("fedper:local_modules=[head, up4],lr=0.1") == (
+        "fedper", {"local_modules": ["head", "up4"], "lr": 0.1})
     with pytest.raises(ValueError, match="unknown method"):
         parse_method("fedsomething")
     with pytest.raises(ValueError, match="key=value"):
@@ -66,4 +68,33 @@ def test_compare_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         raise AssertionError("a finished run was fitted again")
 
     monkeypatch.setattr("iopfl_lightning.cli.main", no_fit)
-    assert len(compare_mod.compare(TINY, ["fedavg"], [0], tmp_path)) == len(sites) * 1
+    extra = ["--trainer.max_epochs", "1"]
+    assert len(compare_mod.compare(TINY, ["fedavg"], [0], tmp_path, extra)) == len(sites) * 1
+    assert "arguments `--trainer.max_epochs 1`" in (tmp_path / "compare.md").read_text()
+    with pytest.raises(ValueError, match=r"fedavg/seed0: the results there were made with "
+                                         "other settings"):
+        compare_mod.compare(TINY, ["fedavg"], [0], tmp_path, ["--trainer.max_epochs", "2"])
+
+
+def test_the_mean_compares_the_deployed_models_on_the_same_sites():
+    """A held-out site (UCL) has a global row but no personalized one: the mean over sites
+    leaves it out for every method; per-site normalization (personalized rows of fedavg, as
+    with norm_policy local) is what fedavg deploys then."""
+    from iopfl_lightning.tools.compare_table import summarize, to_markdown
+
+    def rows(method, personalized):
+        out = [{"method": method, "seed": 0, "site": s, "model": "global", "dice": d, "hd95": 1.0}
+               for s, d in (("A", 0.8), ("B", 0.8), ("UCL", 0.2))]
+        if personalized:
+            out += [{"method": method, "seed": 0, "site": s, "model": "personalized",
+                     "dice": 0.82, "hd95": 1.0} for s in ("A", "B")]
+        return out
+
+    table = summarize(rows("fedavg", False) + rows("iopfl", True),
+                      {"fedavg": "global", "iopfl": "personalized"})
+    means = {(r.method, r.model): r.dice_mean for r in table.itertuples() if r.site == "mean"}
+    assert means[("fedavg", "global")] == pytest.approx(0.8)  # not 0.6 with UCL
+    assert means[("iopfl", "personalized")] == pytest.approx(0.82)
+    assert "| **mean over A, B** | **0.8000** | **0.8200** |" in to_markdown(table)
+    local_norms = summarize(rows("fedavg", True), {"fedavg": "global"})
+    assert set(local_norms[local_norms["deployed"]]["model"]) == {"personalized"}
