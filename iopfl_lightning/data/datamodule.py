@@ -252,10 +252,12 @@ class MultiSiteDataModule(LightningDataModule):
         return self.site_data
 
     def dataset(self, site: str, split: str, labels: bool = True) -> SiteDataset:
-        """The dataset of ``site``/``split`` (train uses the train transform)."""
+        """The dataset of ``site``/``split`` (an inside site's train split uses the train
+        transform and its client index; anything else its evaluation index, no transform)."""
         cases = self._splits()[site][split]
-        index = self.inside_sites.index(site) if split == "train" else self.eval_sites.index(site)
-        transform = self.train_transform if split == "train" else None
+        training = split == "train" and site in self.inside_sites
+        index = self.inside_sites.index(site) if training else self.eval_sites.index(site)
+        transform = self.train_transform if training else None
         return SiteDataset(cases, index, transform, self.image_size, self.normalize, labels)
 
     def client_sample_counts(self) -> list[int]:
@@ -383,11 +385,15 @@ class MultiSiteDataModule(LightningDataModule):
         if site not in self.outside_sites:
             raise ValueError(f"site {site!r} is not an outside site; outside: {self.outside_sites}")
         _check_choice("split", split, SPLITS)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return self._loader(
-            [(site, split, labels)], batch_size=batch_size or self.eval_batch_size,
-            shuffle=shuffle, generator=generator,
-        )
+        size = batch_size or self.eval_batch_size
+        if not shuffle:
+            return self._loader([(site, split, labels)], batch_size=size)
+        # shuffled per epoch from (seed, epoch) like the training batches: the same order
+        # whatever the number of workers (a DataLoader generator also seeds the workers, so
+        # its stream moved with num_workers) and after a restart at any epoch
+        count = len(self.dataset(site, split, labels=labels))
+        return self._loader([(site, split, labels)],
+                            batch_sampler=ClientBatchSampler([count], size, seed=self.seed))
 
 
 # ---- argument checks -------------------------------------------------------------------------

@@ -102,7 +102,9 @@ class SiteDataset(Dataset):
                                align_corners=False)
         if mask is not None:
             masks = (mask[None] if single else mask)[:, None].float()
-            mask = F.interpolate(masks, (size, size), mode="nearest")[:, 0].long()
+            # nearest-exact samples pixel centres as the bilinear image does ("nearest" would
+            # shift the mask by up to half a pixel against the image)
+            mask = F.interpolate(masks, (size, size), mode="nearest-exact")[:, 0].long()
             mask = mask[0] if single else mask
         return (images[0] if single else images), mask
 
@@ -121,6 +123,10 @@ class SiteDataset(Dataset):
         case = self.cases[case_idx]
         image, mask = case.image[slice_idx], case.mask[slice_idx]
         if self.transform is not None:
+            # albumentations draws from its own generator, which no seed reaches and every
+            # loader worker copies: reseed it from torch's, which seed_everything and the
+            # DataLoader seed (per worker, per epoch), so augmentations repeat run to run only
+            self.transform.set_random_seed(int(torch.randint(2**31 - 1, ())))
             out = self.transform(image=np.asarray(image), mask=np.asarray(mask))
             image, mask = out["image"], out["mask"]
         image_t = torch.from_numpy(np.array(image.transpose(2, 0, 1), dtype=np.float32))

@@ -74,3 +74,35 @@ def test_loader_yields_the_same_batches_as_a_plain_loader():
 def test_refuses_other_datasets():
     with pytest.raises(TypeError, match="SiteDataset"):
         BatchedSlices(ConcatDataset([torch.utils.data.TensorDataset(torch.zeros(2))]))
+
+
+def test_augmentation_is_a_function_of_torchs_random_state():
+    """albumentations' own generator is reseeded from torch's for every slice: seed_everything
+    repeats a run's augmentations, and loader workers (seeded apart by the DataLoader, anew
+    every epoch) do not copy each other's."""
+    spec = [{"__class_fullname__": "HorizontalFlip", "p": 0.5},
+            {"__class_fullname__": "RandomRotate90", "p": 1.0}]
+    ds = SiteDataset(_cases(7, sizes=((8, 12, 12),)), client=0, transform=build_transform(spec))
+
+    def augmented(seed):
+        torch.manual_seed(seed)
+        return torch.stack([ds[i]["image"] for i in range(len(ds))])
+
+    assert torch.equal(augmented(0), augmented(0))
+    assert not torch.equal(augmented(0), augmented(1))
+
+
+def test_resized_masks_stay_on_the_images_pixel_grid():
+    """A centred square resized 64 -> 21 px: the mask's centroid is the image's (nearest-exact
+    samples pixel centres like the bilinear image; plain nearest shifted it half a pixel)."""
+    square = np.zeros((1, 64, 64), np.uint8)
+    square[0, 20:44, 20:44] = 1
+    image = np.repeat(square[..., None].astype(np.float32), 3, axis=-1)
+    ds = SiteDataset([make_case("C", image, square, 2, "img", "mask")], client=0, image_size=21)
+    item = ds[0]
+    grid = torch.arange(21, dtype=torch.float32)
+
+    def centroid(weights):
+        return float((weights.sum(1) * grid).sum() / weights.sum())
+
+    assert centroid(item["mask"].float()) == pytest.approx(centroid(item["image"][0]), abs=0.05)

@@ -272,3 +272,33 @@ def test_an_outside_png_site_may_have_a_test_folder_only(tmp_path):
     with pytest.raises(DataError, match=r"NEW/train"):
         MultiSiteDataModule("png_slices", str(tmp_path), sites=["A", "NEW"],
                             batch_size=2).setup()
+
+
+def test_the_shuffled_outside_loader_is_seeded_per_epoch_whatever_the_workers():
+    """Test-time routing's loader: each epoch's order comes from (seed, epoch), as the
+    training batches' do; workers and the device cache do not move it."""
+    def orders(**kwargs):
+        dm = tiny_dm(sites=["BIDMC", "UCL"], outside=["UCL"], train_on="outside", batch_size=2,
+                     seed=3, **kwargs)
+        dm.setup("fit")
+        loader, out = dm.train_dataloader(), []
+        for epoch in range(3):
+            loader.batch_sampler.set_epoch(epoch)  # what Lightning does every epoch
+            out.append([(int(c), int(s)) for b in loader
+                        for c, s in zip(b["case"], b["slice"], strict=True)])
+        return out
+
+    plain = orders()
+    assert orders(num_workers=1) == plain == orders(device_cache=True)
+    assert plain[0] != plain[1] and sorted(plain[0]) == sorted(plain[1])
+    assert "mask" not in next(iter(tiny_dm(sites=["BIDMC", "UCL"], outside=["UCL"])
+                                   .outside_dataloader(shuffle=True)))
+
+
+def test_an_outside_sites_train_split_loads_untransformed():
+    dm = tiny_dm(sites=["BIDMC", "UCL"], outside=["UCL"],
+                 train_transform=[{"__class_fullname__": "HorizontalFlip", "p": 1.0}])
+    batch = next(iter(dm.outside_dataloader(split="train")))
+    plain = next(iter(tiny_dm(sites=["BIDMC", "UCL"], outside=["UCL"])
+                      .outside_dataloader(split="train")))
+    assert torch.equal(batch["image"], plain["image"]) and int(batch["client"][0]) == 1
