@@ -1,4 +1,4 @@
-"""The server strategy: Flower's FedAvg sampling, the in-process engine's aggregation.
+"""The server strategy: the engine's participation count and aggregation over Flower's messages.
 
 :class:`IOPFLStrategy` keeps Flower's message plumbing and samples nodes itself: as many as
 the engine trains (``ceil(client_fraction * sites)``), after waiting for ``min_available``

@@ -6,7 +6,8 @@ the method puts at a site (``personalized`` where the method keeps a per-site mo
 ``global``); the markdown table and the charts show that one, the CSV keeps every model.
 Over sites: each seed's mean over sites first, then mean and std over seeds (so the std is the
 spread between runs, not between sites); the sites are those every method's deployed model was
-scored on (a held-out site has a global row only), named in the row when some are left out. Std is the sample std (n - 1); NaN with one seed.
+scored on (a held-out site has a global row only), named in the row when some are left out.
+Std is the sample std (n - 1); NaN with one seed.
 """
 
 from __future__ import annotations
