@@ -8,6 +8,7 @@ import torch
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
+from iopfl_lightning.data.sampler import ClientBatchSampler
 from iopfl_lightning.federated.routing_space import write_routing_space
 from iopfl_lightning.modules.routing import RoutingModule
 from iopfl_lightning.modules.routing_experts import average_states
@@ -81,9 +82,10 @@ def fitted_trainables(space, loader_or_dm, tmp_path) -> list[torch.Tensor]:
 def test_fit_never_uses_labels(space, tmp_path):
     dm = outside_dm()
     without = fitted_trainables(space, dm, tmp_path / "a")
-    garbage = DataLoader(GarbageMasks(dm.dataset("UCL", "test", labels=True)),
-                         batch_size=dm.eval_batch_size, shuffle=True,
-                         generator=torch.Generator().manual_seed(dm.seed))
+    labelled = GarbageMasks(dm.dataset("UCL", "test", labels=True))
+    # the outside loader's own order: seeded per epoch by (seed, epoch)
+    garbage = DataLoader(labelled, batch_sampler=ClientBatchSampler(
+        [len(labelled)], dm.eval_batch_size, seed=dm.seed))
     with_garbage = fitted_trainables(space, garbage, tmp_path / "b")
     start = [p.detach() for p in router_parameters(RoutingModule(space, baselines=[]).net)]
     assert any(not torch.equal(a, b) for a, b in zip(without, start, strict=False))  # it moved
