@@ -4,7 +4,7 @@ Every item is a dict ``{"image": float32 [C, H, W], "mask": int64 [H, W], "clien
 "case": int64 [], "slice": int64 []}``; the default collate turns the scalars into ``[B]``.
 
 Per item: optional albumentations transform on the HWC numpy image and mask, optional resize
-(image bilinear, mask nearest), optional per-slice z-score (``normalize="zscore"``: subtract the
+(image bilinear, mask nearest-exact: the same pixel grid), optional per-slice z-score (``normalize="zscore"``: subtract the
 mean and divide by the standard deviation of the slice's pixels over all channels).
 :meth:`SiteDataset.get_batch` does the same for a whole batch at once (one gather per case, one
 resize and one z-score per batch); without an albumentations transform it equals collating the
