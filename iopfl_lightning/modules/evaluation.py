@@ -124,6 +124,14 @@ class MixtureMeter:
             self._sums[name] = weights * batch_size if total is None else total + weights * batch_size
         self._count += batch_size
 
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.detach().cpu() for k, v in self._sums.items()},
+                "count": self._count}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self._sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self._count = int(state["count"])
+
     def mean(self) -> dict[str, Tensor]:
         """``{layer: [E]}`` on the CPU; empty if nothing was recorded."""
         if not self._count:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from iopfl_lightning.data.datamodule import sample_keys
+from iopfl_lightning.modules import routing_state as rs
 from iopfl_lightning.modules import tta_losses as tl
 from iopfl_lightning.modules.compiling import CompileMode, check_compile_mode, compiled_or_none
 from iopfl_lightning.modules.evaluation import MixtureMeter, SiteEvaluator, log_rows, report_test
@@ -53,6 +54,7 @@ from iopfl_lightning.nets.mix_choice import MIX_OPTIONS, MixOption, choose_mixes
 from iopfl_lightning.nets.routed import (
     build_routed_net,
     norm_affine_parameters,
+    routed_layers,
     router_parameters,
     set_mix,
     set_mixture_recording,
@@ -187,6 +189,8 @@ class RoutingModule(pl.LightningModule):
         self._overlays: OverlayCases | None = None
         self._mixtures = MixtureMeter()  # of the pass that is reported (see module doc)
         self._steps = 0
+        self._resumed = False  # state restored from a checkpoint (on_load_checkpoint)
+        self._space_sha: str | None = None
         self.test_results: list[dict] = []
         self.train()  # the norm mode's layer modes from the start (nn.Module starts in train)
 
@@ -261,10 +265,47 @@ class RoutingModule(pl.LightningModule):
 
     # ------------------------------------------------------------ fitting (no labels)
     def on_fit_start(self) -> None:
-        self._steps = 0
-        for store in self._online.values():
-            store.clear()
+        if not self._resumed:  # a resumed fit keeps the predictions of the passes it restored
+            self._steps = 0
+            for store in self._online.values():
+                store.clear()
         set_mixture_recording(self.net, True)
+
+    # ------------------------------------------------------------ checkpoints
+    def _space_fingerprint(self) -> str:
+        if self._space_sha is None:
+            self._space_sha = rs.fingerprint(self.hparams.routing_space)
+        return self._space_sha
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keeps what scoring and resuming need besides the nets (``modules.routing_state``)."""
+        checkpoint["routing"] = {
+            "space_sha256": self._space_fingerprint(), "steps": self._steps,
+            "mix_choice": self.mix_choice, "online": rs.online_state(self._online),
+            "mixtures": self._mixtures.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("routing")
+        if saved is None:  # written before these were kept
+            return
+        space = self.hparams.routing_space
+        if saved["space_sha256"] != self._space_fingerprint():
+            raise ValueError(f"{space} changed since this checkpoint was written: its global, "
+                             "uniform and ensemble baselines would come from other models than "
+                             "the routed net's experts; use the routing space it was fitted on")
+        if self.hparams.eval_mode == "online" and not rs.ends_a_pass(checkpoint):
+            raise ValueError(f"this online-mode checkpoint (step {checkpoint.get('global_step')})"
+                             " was saved in the middle of a pass, whose predictions it cannot "
+                             "complete; resume or test from a checkpoint saved at a pass's end")
+        device = self.device
+        self._steps, self._resumed = int(saved["steps"]), True
+        self._online = rs.load_online(saved["online"], device)
+        self._mixtures.load_state_dict(saved["mixtures"], device)
+        self.mix_choice = saved["mix_choice"]
+        layers = dict(routed_layers(self.net))
+        for name, row in (self.mix_choice or {}).items():
+            layers[name].mix = row["chosen"]
 
     def on_train_epoch_start(self) -> None:
         # Lightning does not call train() when fitting starts (it keeps each layer's mode), so
@@ -373,7 +414,7 @@ class RoutingModule(pl.LightningModule):
         if missing:
             raise ValueError(f"online mode: no prediction for (case, slice) {missing[0]}; the "
                              "fit did not cover the whole target (limit_train_batches?)")
-        preds = torch.stack([store[k] for k in keys]).to(self.device).long()
+        preds = torch.stack([store[k].to(self.device) for k in keys]).long()
         return F.one_hot(preds, self.num_classes).permute(0, 3, 1, 2).float()
 
     def _baseline_logits(self, name: str, image: Tensor) -> Tensor:

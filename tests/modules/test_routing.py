@@ -319,3 +319,46 @@ def test_mix_auto_times_both_mixes_at_the_first_batch_and_fits_like_kernels(spac
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="mix must be one of"):
         RoutingModule(space, mix="fastest")
+
+
+def test_a_routing_checkpoint_scores_and_resumes_without_refitting(space, tmp_path):
+    """The online predictions, steps and mixtures travel in the checkpoint: ``test`` from it
+    gives the fit's table, a finished run resumes to nothing left to do, and a checkpoint
+    written mid-pass or over a routing space that changed since is refused."""
+    import shutil
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    local = tmp_path / "space.pt"
+    shutil.copyfile(space, local)
+
+    def trainer(root, epochs, **checkpoint):
+        saver = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1,
+                                filename="{epoch}-{step}", **checkpoint)
+        return tiny_trainer(epochs, [saver], root, enable_checkpointing=True)
+
+    dm = outside_dm(eval_batch_size=2)
+    fitted = RoutingModule(str(local), baselines=["global", "tent"])
+    trainer(tmp_path / "a", 2).fit(fitted, datamodule=dm)
+    trainer(tmp_path / "a", 2).test(fitted, datamodule=dm, verbose=False)
+    last = sorted((tmp_path / "a" / "ckpt").glob("epoch=1-*.ckpt"))[-1]
+
+    restored = RoutingModule(str(local), baselines=["global", "tent"])
+    trainer(tmp_path / "b", 2).test(restored, datamodule=dm, ckpt_path=str(last), verbose=False)
+    assert restored.test_results == fitted.test_results
+    trainer(tmp_path / "c", 2).fit(RoutingModule(str(local), baselines=["global", "tent"]),
+                                   datamodule=dm, ckpt_path=str(last))  # no "empty target"
+
+    steps = trainer(tmp_path / "d", 1, every_n_train_steps=1)
+    steps.fit(RoutingModule(str(local), baselines=[]), datamodule=dm)
+    mid = tmp_path / "d" / "ckpt" / "epoch=0-step=1.ckpt"
+    with pytest.raises(ValueError, match="middle of a pass"):
+        trainer(tmp_path / "e", 1).test(RoutingModule(str(local), baselines=[]), datamodule=dm,
+                                        ckpt_path=str(mid))
+    payload = torch.load(local, weights_only=True)
+    payload["global"] = {k: v + 1 if v.is_floating_point() else v
+                         for k, v in payload["global"].items()}
+    torch.save(payload, local)
+    with pytest.raises(ValueError, match="changed since this checkpoint was written"):
+        trainer(tmp_path / "f", 2).test(RoutingModule(str(local), baselines=["global", "tent"]),
+                                        datamodule=dm, ckpt_path=str(last), verbose=False)
