@@ -21,7 +21,19 @@ SITES = ["BIDMC", "HK", "UCL"]
 
 
 def _node_config(site: str, root) -> str:
-    return f'site-name="{site}" site-dir="{root / "sites" / site}"'
+    config = f'site-name="{site}" site-dir="{root / "sites" / site}"'
+    if site == "UCL":  # a slow machine: the test stops it while it trains, not after
+        config += f' config="{_slow_copy(root)}"'
+    return config
+
+
+def _slow_copy(root):
+    """UCL's own copy of the YAML: 200 passes a round instead of 1 (about ten seconds here),
+    so stopping its machine once its round-2 ClientApp is up never comes after its reply."""
+    path = root / "ucl_slow.yaml"
+    text = (TINY_CONFIGS / "demo_tiny.yaml").read_text()
+    path.write_text(text.replace("        alpha: 0.1\n", "        alpha: 0.1\n        local_epochs: 200\n"))
+    return path
 
 
 def _rounds(out) -> list[dict]:
