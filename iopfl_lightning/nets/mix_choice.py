@@ -85,7 +85,8 @@ def choose_mixes(net: nn.Module, run: Callable[[], object], reps: int = 3) -> di
     "chosen": mix}}``. Other routed layers keep their mix.
 
     The capture runs in eval mode (no running statistics move; every submodule's mode is put
-    back as it was) and the random number streams are left as they were (router dropout draws during the timing), so choosing changes no
+    back as it was) and the random number streams are left as they were (router dropout draws
+    during the timing), so choosing changes no
     result beyond the float rounding of the chosen mixes."""
     layers = dict(routed_layers(net))
     devices = sorted({str(p.device) for p in net.parameters() if p.device.type == "cuda"})

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from iopfl_lightning.fileio import atomic_write_text
+from iopfl_lightning.results import shared_sites
 from iopfl_lightning.viz import save_figure, site_bar_chart
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ def summarize(rows: Sequence[dict], deployed: dict[str, str]) -> pd.DataFrame:
                       in zip(per_site["method"], per_site["model"], strict=True)]]
     # the mean over the sites every deployed model was scored on (a held-out site has a
     # global row but no personalized one): the methods are compared on the same sites
-    sites_of = shown.groupby("method", sort=False)["site"].agg(set)
-    shared = [s for s in dict.fromkeys(per_site["site"]) if all(s in v for v in sites_of)]
+    shared = shared_sites([{"site": site, "model": method}
+                           for method, site in zip(shown["method"], shown["site"], strict=True)])
     over_sites = per_site[per_site["site"].isin(shared)].groupby(
         ["method", "model", "seed"], sort=False)[list(METRICS)].mean()
     over_sites = over_sites.reset_index().assign(site=MEAN)

@@ -78,14 +78,10 @@ def check_same_settings(folder: Path, settings: dict) -> None:
                          "run it again")
 
 
-def _file_text(path: str) -> str:
-    return Path(path).read_text()
-
-
 def run_site(site: str, inside: str, outside: str, out: Path, extra: Sequence[str]) -> list[dict]:
     """Inside fit without ``site``, then routing on ``site``; returns the outside rows."""
     done = out / site / "results.csv"
-    settings = {"inside": _file_text(inside), "outside": _file_text(outside),
+    settings = {"inside": Path(inside).read_text(), "outside": Path(outside).read_text(),
                 "extra": list(extra)}
     if done.is_file():
         check_same_settings(out / site, settings)

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from iopfl_lightning.results import shared_sites
 from iopfl_lightning.viz.figures import new_figure
 
 __all__ = ["METRIC_LABELS", "site_bar_chart"]
@@ -41,18 +42,18 @@ def _grid(rows: Sequence[Mapping], metric: str, group: str, error: str | None,
     groups = list(dict.fromkeys(str(r[group]) for r in rows))
     values = np.full((len(groups), len(sites)), np.nan)
     errors = np.zeros_like(values)
-    present = np.zeros(values.shape, dtype=bool)
     err_key = error.format(metric=metric) if error else None
     for row in rows:
         g, s = groups.index(str(row[group])), sites.index(str(row["site"]))
         values[g, s] = _value(row, metric)
         errors[g, s] = _value(row, err_key)
-        present[g, s] = True
     if add_mean and MEAN not in sites and len(sites) > 1:
-        sites.append(MEAN)
         # over the sites every group was scored on, as the results table's mean row
-        shared = values[:, present.all(axis=0)]
+        common = set(shared_sites([{"site": str(r["site"]), "model": str(r[group])}
+                                   for r in rows]))
+        shared = values[:, [s in common for s in sites]]
         means = [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in shared]
+        sites.append(MEAN)
         values = np.column_stack([values, means])
         errors = np.column_stack([errors, np.zeros(len(groups))])
     return sites, groups, values, np.nan_to_num(errors)
